@@ -1,0 +1,135 @@
+//! Shared helpers for vmcri's end-to-end tests: locating (or building) the
+//! guest kernel, the VMM and the static guest programs.
+//!
+//! `tests/run` builds everything once and passes the paths in
+//! `VMCRI_KERNEL`, `VMCRI_VMM` and `VMCRI_GUEST_INIT`; run alone, a test
+//! builds what is missing itself, in `target/e2e` so it never waits on the
+//! lock of the `cargo test` that runs it.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Paths of the artifacts an end-to-end test needs.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// Guest vmlinux.
+    pub kernel: PathBuf,
+    /// `vmcri-vmm` binary.
+    pub vmm: PathBuf,
+    /// Static test init.
+    pub guest_init: PathBuf,
+}
+
+fn last_line_of(cmd: &mut Command) -> Result<PathBuf> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().context("no output")?;
+    Ok(PathBuf::from(line.trim()))
+}
+
+fn cargo_build(args: &[&str], static_crt: bool) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root())
+        .args(["build", "--release", "--target-dir"])
+        .arg(repo_root().join("target/e2e"))
+        .args(args);
+    if static_crt {
+        cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
+    }
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(())
+}
+
+fn from_env_or(var: &str, build: impl FnOnce() -> Result<PathBuf>) -> Result<PathBuf> {
+    match std::env::var_os(var) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => build(),
+    }
+}
+
+fn locate() -> Result<Artifacts> {
+    let kernel = from_env_or("VMCRI_KERNEL", || {
+        last_line_of(&mut Command::new(repo_root().join("guest-kernel/build")))
+    })?;
+    let vmm = from_env_or("VMCRI_VMM", || {
+        cargo_build(&["-p", "vmcri-vmm"], false)?;
+        Ok(repo_root().join("target/e2e/release/vmcri-vmm"))
+    })?;
+    let guest_init = from_env_or("VMCRI_GUEST_INIT", || {
+        cargo_build(
+            &[
+                "-p",
+                "vmcri-guest-init",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+            ],
+            true,
+        )?;
+        Ok(repo_root().join("target/e2e/x86_64-unknown-linux-gnu/release/vmcri-guest-init"))
+    })?;
+    for p in [&kernel, &vmm, &guest_init] {
+        if !p.is_file() {
+            bail!("{} does not exist", p.display());
+        }
+    }
+    Ok(Artifacts {
+        kernel,
+        vmm,
+        guest_init,
+    })
+}
+
+/// The artifacts, located or built once per test process.
+pub fn artifacts() -> &'static Artifacts {
+    static CELL: OnceLock<Artifacts> = OnceLock::new();
+    CELL.get_or_init(|| match locate() {
+        Ok(a) => a,
+        Err(e) => panic!("end-to-end artifacts unavailable: {e:#}"),
+    })
+}
+
+/// Writes an initramfs holding `init` (plus the standard skeleton) to
+/// `out`.
+pub fn write_initramfs(init: &Path, out: &Path) -> Result<()> {
+    let mut archive = vmcri_initramfs::Initramfs::new();
+    archive.with_skeleton()?.host_file("init", init)?;
+    let file = std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+    archive.write_to(std::io::BufWriter::new(file))?;
+    Ok(())
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("vmcri-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
