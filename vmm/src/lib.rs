@@ -14,4 +14,4 @@ pub mod vm;
 
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;
-pub use vm::{SerialOutput, Vm, VmConfig};
+pub use vm::{SerialOutput, Vm, VmConfig, VsockConfig};

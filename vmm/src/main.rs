@@ -4,7 +4,7 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmcri_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
-use vmcri_vmm::{CpuProfile, SerialOutput, Vm, VmConfig};
+use vmcri_vmm::{CpuProfile, SerialOutput, Vm, VmConfig, VsockConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ProfileArg {
@@ -47,6 +47,14 @@ struct Args {
     /// End the VM (exit 13) if it runs longer than this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Give the guest a vsock device whose host side is this Unix socket
+    /// (`CONNECT <port>` to reach the guest; guest connections to host
+    /// port P go to PATH_P).
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
 }
 
 fn main() {
@@ -81,6 +89,10 @@ fn main() {
             ProfileArg::Nested => CpuProfile::NestedSoftware,
         },
         timeout: args.timeout.map(Duration::from_secs),
+        vsock: args.vsock.map(|uds_path| VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path,
+        }),
     };
     let result = Vm::build(&config).and_then(Vm::run);
     match result {

@@ -10,6 +10,7 @@ use crate::devices::legacy::{
 use crate::devices::rng::Rng;
 use crate::devices::serial::{Console, COM1_IRQ, COM1_PORT, UART_PORT_RANGE};
 use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice};
+use crate::devices::vsock::Vsock;
 use crate::devices::IrqLine;
 use crate::exit::ExitReason;
 use crate::layout::{self, LayoutError};
@@ -65,6 +66,18 @@ pub struct VmConfig {
     pub cpu_profile: CpuProfile,
     /// End the VM if it runs longer than this.
     pub timeout: Option<Duration>,
+    /// Hybrid vsock: the host-side Unix socket, if the VM has a vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The vsock device's settings.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    /// Guest CID (3 or more).
+    pub guest_cid: u64,
+    /// Host-side Unix socket; guest connections to host port P go to
+    /// `<path>_P`.
+    pub uds_path: PathBuf,
 }
 
 /// Errors in building a VM.
@@ -192,7 +205,12 @@ impl Vm {
         )?;
         pio.insert(Arc::new(Mutex::new(PanicPort)), PANIC_PORT, 1)?;
 
-        let virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
+        if let Some(v) = &config.vsock {
+            let dev = Vsock::new(v.guest_cid, &v.uds_path)
+                .map_err(io_err(format!("vsock socket {}", v.uds_path.display())))?;
+            virtio.push(Box::new(dev));
+        }
         let mut mmio_args = Vec::new();
         for (i, device) in virtio.into_iter().enumerate() {
             let irq = VIRTIO_FIRST_IRQ + i as u32;

@@ -5,6 +5,7 @@ pub mod legacy;
 pub mod rng;
 pub mod serial;
 pub mod virtio_mmio;
+pub mod vsock;
 
 use std::io;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
