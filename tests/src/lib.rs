@@ -2,7 +2,8 @@
 //! guest kernel, the VMM and the static guest programs.
 //!
 //! `tests/run` builds everything once and passes the paths in
-//! `VMCRI_KERNEL`, `VMCRI_VMM` and `VMCRI_GUEST_INIT`; run alone, a test
+//! `VMCRI_KERNEL`, `VMCRI_VMM`, `VMCRI_GUEST_INIT`, `VMCRI_AGENT_INITRD`
+//! and `VMCRI_AGENT`; run alone, a test
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
@@ -28,6 +29,10 @@ pub struct Artifacts {
     pub vmm: PathBuf,
     /// Static test init.
     pub guest_init: PathBuf,
+    /// Initramfs with the static agent as /init.
+    pub agent_initrd: PathBuf,
+    /// The agent built for the host (the `process` backend).
+    pub agent: PathBuf,
 }
 
 fn last_line_of(cmd: &mut Command) -> Result<PathBuf> {
@@ -84,7 +89,14 @@ fn locate() -> Result<Artifacts> {
         )?;
         Ok(repo_root().join("target/e2e/x86_64-unknown-linux-gnu/release/vmcri-guest-init"))
     })?;
-    for p in [&kernel, &vmm, &guest_init] {
+    let agent_initrd = from_env_or("VMCRI_AGENT_INITRD", || {
+        last_line_of(&mut Command::new(repo_root().join("agent/build-initramfs")))
+    })?;
+    let agent = from_env_or("VMCRI_AGENT", || {
+        cargo_build(&["-p", "vmcri-agent"], false)?;
+        Ok(repo_root().join("target/e2e/release/vmcri-agent"))
+    })?;
+    for p in [&kernel, &vmm, &guest_init, &agent_initrd, &agent] {
         if !p.is_file() {
             bail!("{} does not exist", p.display());
         }
@@ -93,6 +105,8 @@ fn locate() -> Result<Artifacts> {
         kernel,
         vmm,
         guest_init,
+        agent_initrd,
+        agent,
     })
 }
 

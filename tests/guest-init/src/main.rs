@@ -7,6 +7,8 @@
 //! - `panic`: exit, so the kernel panics ("Attempted to kill init");
 //! - `hwrng`: read 32 bytes from /dev/hwrng (the virtio-rng device) and
 //!   print how many arrived, then reboot;
+//! - `vsock-dial`: connect to the host (CID 2) on vsock port 5000, send a
+//!   line, print the reply, then reboot;
 //! - `idle`: stay up (for measurements the host takes while the guest runs).
 
 use std::io::{Read, Write};
@@ -49,6 +51,41 @@ fn read_hwrng() -> std::io::Result<usize> {
     Ok(buf.len())
 }
 
+/// Connects to host port 5000 over AF_VSOCK, says hello, returns the reply.
+fn vsock_dial() -> std::io::Result<String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: we own fd; the File closes it.
+    let mut sock = unsafe { std::fs::File::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; zeroed is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_HOST;
+    addr.svm_port = 5000;
+    // SAFETY: addr is a valid sockaddr_vm of the given size.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.write_all(b"hello from the guest\n")?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while sock.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        reply.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
 fn main() {
     let mode = std::env::var("vmcri_test").unwrap_or_else(|_| "reboot".into());
     let mut out = std::io::stdout().lock();
@@ -67,6 +104,18 @@ fn main() {
                 }
                 Err(e) => {
                     let _ = writeln!(out, "hwrng: error: {e}");
+                }
+            }
+            let _ = out.flush();
+            reboot();
+        }
+        "vsock-dial" => {
+            match vsock_dial() {
+                Ok(reply) => {
+                    let _ = writeln!(out, "vsock-dial: got {reply:?}");
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "vsock-dial: error: {e}");
                 }
             }
             let _ = out.flush();

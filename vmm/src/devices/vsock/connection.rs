@@ -2,7 +2,9 @@
 //! state, its credit accounting in both directions, and the control
 //! packets it owes the guest.
 
-use super::packet::{op, PacketHeader, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID};
+use super::packet::{
+    op, PacketHeader, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
+};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
@@ -85,7 +87,13 @@ pub enum Verdict {
 
 impl Connection {
     /// A host-initiated connection to guest port `peer_port`.
-    pub fn host_initiated(stream: UnixStream, guest_cid: u64, local_port: u32, peer_port: u32, deadline: Instant) -> Self {
+    pub fn host_initiated(
+        stream: UnixStream,
+        guest_cid: u64,
+        local_port: u32,
+        peer_port: u32,
+        deadline: Instant,
+    ) -> Self {
         let mut c = Self::new(stream, guest_cid, local_port, peer_port, State::LocalInit);
         c.owed.request = true;
         c.deadline = Some(deadline);
@@ -94,13 +102,25 @@ impl Connection {
 
     /// A guest-initiated connection, already connected on the host side.
     pub fn guest_initiated(stream: UnixStream, guest_cid: u64, hdr: &PacketHeader) -> Self {
-        let mut c = Self::new(stream, guest_cid, hdr.dst_port, hdr.src_port, State::PeerInit);
+        let mut c = Self::new(
+            stream,
+            guest_cid,
+            hdr.dst_port,
+            hdr.src_port,
+            State::PeerInit,
+        );
         c.owed.response = true;
         c.update_peer_credit(hdr);
         c
     }
 
-    fn new(stream: UnixStream, guest_cid: u64, local_port: u32, peer_port: u32, state: State) -> Self {
+    fn new(
+        stream: UnixStream,
+        guest_cid: u64,
+        local_port: u32,
+        peer_port: u32,
+        state: State,
+    ) -> Self {
         Connection {
             stream,
             guest_cid,
@@ -160,7 +180,11 @@ impl Connection {
             op::RW if self.state == State::Established && !self.peer_done_sending => {
                 if self.to_host.len() - self.ours_queued + payload.len() > BUF_ALLOC as usize {
                     // The guest ignored the credit we gave it.
-                    tracing::warn!(local_port = self.local_port, peer_port = self.peer_port, "vsock: guest overran its credit; resetting");
+                    tracing::warn!(
+                        local_port = self.local_port,
+                        peer_port = self.peer_port,
+                        "vsock: guest overran its credit; resetting"
+                    );
                     return self.reset();
                 }
                 self.to_host.extend(payload);
@@ -235,18 +259,29 @@ impl Connection {
 
     /// True if we should read the host socket when it has data.
     pub fn wants_host_read(&self) -> bool {
-        self.state == State::Established && !self.host_eof && !self.peer_done_receiving && self.peer_credit() > 0
+        self.state == State::Established
+            && !self.host_eof
+            && !self.peer_done_receiving
+            && self.peer_credit() > 0
     }
 
     /// True if a control packet or data is waiting for an rx buffer.
     pub fn has_rx_work(&self) -> bool {
         let o = self.owed;
-        o.request || o.response || o.credit_update || o.shutdown || o.rst || (self.host_readable && self.wants_host_read())
+        o.request
+            || o.response
+            || o.credit_update
+            || o.shutdown
+            || o.rst
+            || (self.host_readable && self.wants_host_read())
     }
 
     /// True once an owed RST has gone out: the muxer removes the connection.
     pub fn finished(&self) -> bool {
-        self.state == State::Closing && !self.owed.rst && !self.owed.shutdown && self.deadline.is_none()
+        self.state == State::Closing
+            && !self.owed.rst
+            && !self.owed.shutdown
+            && self.deadline.is_none()
     }
 
     /// The header of a packet from the host side of this connection.
@@ -298,7 +333,9 @@ impl Connection {
     /// Reads host data for the guest, at most `max` bytes. `Ok(0)` means
     /// nothing to send now.
     pub fn read_host(&mut self, max: usize) -> io::Result<Vec<u8>> {
-        let max = max.min(self.peer_credit() as usize).min(MAX_PAYLOAD as usize);
+        let max = max
+            .min(self.peer_credit() as usize)
+            .min(MAX_PAYLOAD as usize);
         if max == 0 || !self.wants_host_read() {
             return Ok(Vec::new());
         }

@@ -35,7 +35,11 @@ pub fn parse_connect(buf: &[u8]) -> Result<Option<(u32, usize)>, HandshakeError>
     let line = String::from_utf8_lossy(&buf[..nl]);
     let line = line.strip_suffix('\r').unwrap_or(&line);
     let mut words = line.split(' ');
-    match (words.next(), words.next().map(str::parse::<u32>), words.next()) {
+    match (
+        words.next(),
+        words.next().map(str::parse::<u32>),
+        words.next(),
+    ) {
         (Some("CONNECT"), Some(Ok(port)), None) => Ok(Some((port, nl + 1))),
         _ => Err(HandshakeError::Malformed(line.to_string())),
     }
@@ -64,14 +68,28 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        for bad in [&b"connect 1\n"[..], b"CONNECT\n", b"CONNECT x\n", b"CONNECT 1 2\n", b"CONNECT -1\n", b"CONNECT 4294967296\n", b"CONNECT  5\n"] {
-            assert!(matches!(parse_connect(bad), Err(HandshakeError::Malformed(_))), "{bad:?}");
+        for bad in [
+            &b"connect 1\n"[..],
+            b"CONNECT\n",
+            b"CONNECT x\n",
+            b"CONNECT 1 2\n",
+            b"CONNECT -1\n",
+            b"CONNECT 4294967296\n",
+            b"CONNECT  5\n",
+        ] {
+            assert!(
+                matches!(parse_connect(bad), Err(HandshakeError::Malformed(_))),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn overlong_input_is_refused_without_newline() {
-        assert_eq!(parse_connect(&[b'A'; MAX_LINE]), Err(HandshakeError::TooLong));
+        assert_eq!(
+            parse_connect(&[b'A'; MAX_LINE]),
+            Err(HandshakeError::TooLong)
+        );
         let mut long = vec![b' '; 40];
         long.push(b'\n');
         assert_eq!(parse_connect(&long), Err(HandshakeError::TooLong));

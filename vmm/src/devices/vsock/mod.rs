@@ -59,7 +59,10 @@ impl Vsock {
     /// at `uds_path` (a stale socket file there is replaced).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
         if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("guest CID {guest_cid} must be between 3 and 2^32-1")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest CID {guest_cid} must be between 3 and 2^32-1"),
+            ));
         }
         match std::fs::remove_file(uds_path) {
             Ok(()) => {}
@@ -82,7 +85,9 @@ impl Vsock {
             let _ = self.stop.write(1);
             match worker.join() {
                 Ok(listener) => self.listener = Some(listener),
-                Err(_) => tracing::error!("vsock worker panicked; host connections are no longer accepted"),
+                Err(_) => tracing::error!(
+                    "vsock worker panicked; host connections are no longer accepted"
+                ),
             }
             let _ = self.stop.read();
         }
@@ -114,7 +119,11 @@ impl Worker {
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()).min(MAX_WAIT))
                 .unwrap_or(MAX_WAIT);
-            let n = match self.muxer.epoll().wait(timeout.as_millis() as i32, &mut events) {
+            let n = match self
+                .muxer
+                .epoll()
+                .wait(timeout.as_millis() as i32, &mut events)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                 Err(e) => {
@@ -162,10 +171,15 @@ impl Worker {
 /// snapshot restore the guest must drop connections whose host side is
 /// gone. Returns false if the guest posted no event buffer.
 pub fn send_transport_reset(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    let Some(chain) = queue.pop_descriptor_chain(mem) else { return false };
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return false;
+    };
     let head = chain.head_index();
     let written = match virtio_queue::Writer::new(mem, chain) {
-        Ok(mut w) if w.available_bytes() >= 4 => w.write_obj(EVENT_TRANSPORT_RESET.to_le()).map(|_| 4).unwrap_or(0),
+        Ok(mut w) if w.available_bytes() >= 4 => w
+            .write_obj(EVENT_TRANSPORT_RESET.to_le())
+            .map(|_| 4)
+            .unwrap_or(0),
         _ => 0,
     };
     queue.add_used(mem, head, written).is_ok() && written > 0
@@ -212,11 +226,19 @@ impl VirtioDevice for Vsock {
             .listener
             .take()
             .ok_or_else(|| ActivateError::Device("vsock listener unavailable".into()))?;
-        let muxer = Muxer::new(self.guest_cid, &self.uds_path, listener).map_err(|e| ActivateError::Device(e.to_string()))?;
-        for (fd, token) in [(self.kick.as_raw_fd(), KICK_TOKEN), (self.stop.as_raw_fd(), STOP_TOKEN)] {
+        let muxer = Muxer::new(self.guest_cid, &self.uds_path, listener)
+            .map_err(|e| ActivateError::Device(e.to_string()))?;
+        for (fd, token) in [
+            (self.kick.as_raw_fd(), KICK_TOKEN),
+            (self.stop.as_raw_fd(), STOP_TOKEN),
+        ] {
             muxer
                 .epoll()
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
                 .map_err(|e| ActivateError::Device(e.to_string()))?;
         }
         let worker = Worker {

@@ -74,7 +74,11 @@ impl Muxer {
     pub fn new(guest_cid: u64, uds_path: &Path, listener: UnixListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), epoll_event(EventSet::IN, LISTENER_TOKEN))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            epoll_event(EventSet::IN, LISTENER_TOKEN),
+        )?;
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -159,7 +163,10 @@ impl Muxer {
         if reader.available_bytes() < HEADER_SIZE {
             return Err("chain shorter than a header");
         }
-        let hdr = reader.read_obj::<PacketHeader>().map_err(|_| "unreadable header")?.swap_le();
+        let hdr = reader
+            .read_obj::<PacketHeader>()
+            .map_err(|_| "unreadable header")?
+            .swap_le();
         if hdr.len > MAX_PAYLOAD {
             return Err("payload length over 64 KiB");
         }
@@ -167,7 +174,9 @@ impl Muxer {
             return Err("payload length beyond the chain");
         }
         let mut payload = vec![0u8; hdr.len as usize];
-        reader.read_exact(&mut payload).map_err(|_| "unreadable payload")?;
+        reader
+            .read_exact(&mut payload)
+            .map_err(|_| "unreadable payload")?;
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != VSOCK_HOST_CID {
             return Err("wrong source or destination CID");
         }
@@ -198,7 +207,10 @@ impl Muxer {
     fn guest_connect(&mut self, hdr: &PacketHeader) {
         let port = hdr.dst_port;
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(port, "vsock: connection limit reached; refusing guest connect");
+            tracing::warn!(
+                port,
+                "vsock: connection limit reached; refusing guest connect"
+            );
             self.queue_rst(hdr);
             return;
         }
@@ -232,7 +244,11 @@ impl Muxer {
             let fd = conn.stream().as_raw_fd();
             self.by_fd.remove(&fd);
             if self.interest.remove(&fd).is_some() {
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, epoll_event(EventSet::empty(), 0));
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    fd,
+                    epoll_event(EventSet::empty(), 0),
+                );
             }
         }
     }
@@ -243,7 +259,11 @@ impl Muxer {
             Some(_) => ControlOperation::Modify,
             None => ControlOperation::Add,
         };
-        if self.epoll.ctl(op, fd, epoll_event(events, fd as u64)).is_ok() {
+        if self
+            .epoll
+            .ctl(op, fd, epoll_event(events, fd as u64))
+            .is_ok()
+        {
             self.interest.insert(fd, events);
         }
     }
@@ -256,7 +276,9 @@ impl Muxer {
             self.accept_all();
             return;
         }
-        let Ok(fd) = RawFd::try_from(token) else { return };
+        let Ok(fd) = RawFd::try_from(token) else {
+            return;
+        };
         if self.handshakes.contains_key(&fd) {
             self.continue_handshake(fd);
         } else if let Some(&key) = self.by_fd.get(&fd) {
@@ -275,8 +297,12 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.handshakes.len() >= MAX_HANDSHAKES || stream.set_nonblocking(true).is_err() {
-                        tracing::warn!("vsock: too many pending host handshakes; dropping a client");
+                    if self.handshakes.len() >= MAX_HANDSHAKES
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        tracing::warn!(
+                            "vsock: too many pending host handshakes; dropping a client"
+                        );
                         continue;
                     }
                     let fd = stream.as_raw_fd();
@@ -299,13 +325,19 @@ impl Muxer {
     fn drop_handshake(&mut self, fd: RawFd) -> Option<Handshake> {
         let hs = self.handshakes.remove(&fd)?;
         if self.interest.remove(&fd).is_some() {
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, epoll_event(EventSet::empty(), 0));
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                epoll_event(EventSet::empty(), 0),
+            );
         }
         Some(hs)
     }
 
     fn continue_handshake(&mut self, fd: RawFd) {
-        let Some(hs) = self.handshakes.get_mut(&fd) else { return };
+        let Some(hs) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
         // Read byte-wise up to the newline so nothing after it (the first
         // bytes of the stream) is consumed here.
         let mut byte = [0u8; 1];
@@ -334,13 +366,24 @@ impl Muxer {
                 self.drop_handshake(fd);
             }
             Ok(Some(port)) => {
-                let Some(hs) = self.drop_handshake(fd) else { return };
+                let Some(hs) = self.drop_handshake(fd) else {
+                    return;
+                };
                 if self.conns.len() >= MAX_CONNECTIONS {
-                    tracing::warn!(port, "vsock: connection limit reached; refusing host connect");
+                    tracing::warn!(
+                        port,
+                        "vsock: connection limit reached; refusing host connect"
+                    );
                     return;
                 }
                 let local_port = self.allocate_local_port(port);
-                let conn = Connection::host_initiated(hs.stream, self.guest_cid, local_port, port, Instant::now() + CONNECT_TIMEOUT);
+                let conn = Connection::host_initiated(
+                    hs.stream,
+                    self.guest_cid,
+                    local_port,
+                    port,
+                    Instant::now() + CONNECT_TIMEOUT,
+                );
                 self.insert(conn);
             }
         }
@@ -349,7 +392,10 @@ impl Muxer {
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
             let p = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.contains_key(&(p, peer_port)) {
                 return p;
             }
@@ -358,7 +404,12 @@ impl Muxer {
 
     /// Times out stale handshakes and connections; call periodically.
     pub fn sweep(&mut self, now: Instant) {
-        let stale: Vec<RawFd> = self.handshakes.iter().filter(|(_, h)| h.deadline <= now).map(|(fd, _)| *fd).collect();
+        let stale: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
         for fd in stale {
             self.drop_handshake(fd);
         }
@@ -367,7 +418,10 @@ impl Muxer {
                 let was_connecting = conn.state() == State::LocalInit;
                 conn.expire();
                 if was_connecting {
-                    tracing::warn!(peer_port = conn.peer_port, "vsock: guest did not accept a host connection in time");
+                    tracing::warn!(
+                        peer_port = conn.peer_port,
+                        "vsock: guest did not accept a host connection in time"
+                    );
                 }
             }
         }
@@ -375,7 +429,12 @@ impl Muxer {
     }
 
     fn reap(&mut self) {
-        let done: Vec<Key> = self.conns.iter().filter(|(_, c)| c.finished()).map(|(k, _)| *k).collect();
+        let done: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.finished())
+            .map(|(k, _)| *k)
+            .collect();
         for key in done {
             self.remove(key);
         }
@@ -421,7 +480,9 @@ impl Muxer {
     pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         while self.has_rx_work() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let written = match Writer::new(mem, chain) {
                 Ok(mut w) => self.fill_rx(&mut w),
@@ -545,8 +606,9 @@ mod tests {
 
     impl Guest {
         fn new() -> Guest {
-            let mem: &'static GuestMemoryMmap =
-                Box::leak(Box::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()));
+            let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
+            ));
             let rxq = MockSplitQueue::create(mem, GuestAddress(0), 256);
             let txq = MockSplitQueue::create(mem, GuestAddress(0x10_0000), 256);
             let rx = rxq.create_queue().unwrap();
@@ -555,7 +617,19 @@ mod tests {
             let path = dir.path().join("vsock.sock");
             let listener = UnixListener::bind(&path).unwrap();
             let muxer = Muxer::new(GUEST_CID, &path, listener).unwrap();
-            Guest { mem, rxq, txq, rx, tx, rx_next_desc: 0, tx_next_desc: 0, rx_seen: 0, tx_data: 0x40_0000, dir, muxer }
+            Guest {
+                mem,
+                rxq,
+                txq,
+                rx,
+                tx,
+                rx_next_desc: 0,
+                tx_next_desc: 0,
+                rx_seen: 0,
+                tx_data: 0x40_0000,
+                dir,
+                muxer,
+            }
         }
 
         fn uds(&self) -> PathBuf {
@@ -585,14 +659,26 @@ mod tests {
             let h_addr = self.tx_data;
             let p_addr = h_addr + 0x100;
             self.tx_data += 0x1_0000 + payload.len() as u64;
-            self.mem.write_obj(h.swap_le(), GuestAddress(h_addr)).unwrap();
+            self.mem
+                .write_obj(h.swap_le(), GuestAddress(h_addr))
+                .unwrap();
             self.mem.write_slice(payload, GuestAddress(p_addr)).unwrap();
             let i = self.tx_next_desc;
             let descs = if payload.is_empty() {
-                vec![RawDescriptor::from(SplitDescriptor::new(h_addr, HEADER_SIZE as u32, 0, 0))]
+                vec![RawDescriptor::from(SplitDescriptor::new(
+                    h_addr,
+                    HEADER_SIZE as u32,
+                    0,
+                    0,
+                ))]
             } else {
                 vec![
-                    RawDescriptor::from(SplitDescriptor::new(h_addr, HEADER_SIZE as u32, F_NEXT, i + 1)),
+                    RawDescriptor::from(SplitDescriptor::new(
+                        h_addr,
+                        HEADER_SIZE as u32,
+                        F_NEXT,
+                        i + 1,
+                    )),
                     RawDescriptor::from(SplitDescriptor::new(p_addr, payload.len() as u32, 0, 0)),
                 ]
             };
@@ -619,11 +705,21 @@ mod tests {
             let idx = used.idx().load();
             let mut out = Vec::new();
             while self.rx_seen != idx {
-                let elem = used.ring().ref_at(usize::from(self.rx_seen)).unwrap().load();
+                let elem = used
+                    .ring()
+                    .ref_at(usize::from(self.rx_seen))
+                    .unwrap()
+                    .load();
                 let addr = 0x80_0000 + u64::from(elem.id()) * u64::from(RX_BUF);
-                let h: PacketHeader = self.mem.read_obj::<PacketHeader>(GuestAddress(addr)).unwrap().swap_le();
+                let h: PacketHeader = self
+                    .mem
+                    .read_obj::<PacketHeader>(GuestAddress(addr))
+                    .unwrap()
+                    .swap_le();
                 let mut data = vec![0u8; h.len as usize];
-                self.mem.read_slice(&mut data, GuestAddress(addr + HEADER_SIZE as u64)).unwrap();
+                self.mem
+                    .read_slice(&mut data, GuestAddress(addr + HEADER_SIZE as u64))
+                    .unwrap();
                 assert_eq!(elem.len() as usize, HEADER_SIZE + data.len());
                 out.push((h, data));
                 self.rx_seen += 1;
@@ -734,7 +830,11 @@ mod tests {
         g.post_rx(4);
         g.pump();
         let got = g.received();
-        assert_eq!(got.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), vec![b"abc".to_vec()], "only 3 bytes of credit");
+        assert_eq!(
+            got.iter().map(|p| p.1.clone()).collect::<Vec<_>>(),
+            vec![b"abc".to_vec()],
+            "only 3 bytes of credit"
+        );
         // The guest consumed them: credit for three more.
         let mut upd = hdr(op::CREDIT_UPDATE, 9, host_port, 0);
         upd.buf_alloc = 3;
@@ -778,20 +878,51 @@ mod tests {
         // 1: a 10-byte chain, shorter than a header.
         g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(base, 10, 0, 0))]);
         // 2: payload length over the limit.
-        g.mem.write_obj(hdr(op::RW, 1, 2, MAX_PAYLOAD + 1).swap_le(), GuestAddress(base)).unwrap();
-        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(base, HEADER_SIZE as u32, 0, 0))]);
+        g.mem
+            .write_obj(
+                hdr(op::RW, 1, 2, MAX_PAYLOAD + 1).swap_le(),
+                GuestAddress(base),
+            )
+            .unwrap();
+        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
+            base,
+            HEADER_SIZE as u32,
+            0,
+            0,
+        ))]);
         // 3: payload length beyond the chain.
-        g.mem.write_obj(hdr(op::RW, 1, 2, 100).swap_le(), GuestAddress(base)).unwrap();
-        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(base, HEADER_SIZE as u32 + 10, 0, 0))]);
+        g.mem
+            .write_obj(hdr(op::RW, 1, 2, 100).swap_le(), GuestAddress(base))
+            .unwrap();
+        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
+            base,
+            HEADER_SIZE as u32 + 10,
+            0,
+            0,
+        ))]);
         // 4: descriptor outside guest memory.
-        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(0xffff_ffff_0000, 64, 0, 0))]);
+        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
+            0xffff_ffff_0000,
+            64,
+            0,
+            0,
+        ))]);
         // 5: only a device-writable descriptor.
-        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(base, 64, F_WRITE, 0))]);
+        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
+            base, 64, F_WRITE, 0,
+        ))]);
         // 6: spoofed source CID.
         let mut spoof = hdr(op::REQUEST, 1, 2, 0);
         spoof.src_cid = 99;
-        g.mem.write_obj(spoof.swap_le(), GuestAddress(base)).unwrap();
-        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(base, HEADER_SIZE as u32, 0, 0))]);
+        g.mem
+            .write_obj(spoof.swap_le(), GuestAddress(base))
+            .unwrap();
+        g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
+            base,
+            HEADER_SIZE as u32,
+            0,
+            0,
+        ))]);
         // 7: a length that overflows when summed across descriptors.
         let i = g.tx_next_desc;
         g.send_raw(&[
@@ -799,7 +930,11 @@ mod tests {
             RawDescriptor::from(SplitDescriptor::new(base, u32::MAX, 0, 0)),
         ]);
         assert_eq!(g.muxer.stats().malformed, 7);
-        assert_eq!(g.txq.used().idx().load(), 7, "every chain is returned to the guest");
+        assert_eq!(
+            g.txq.used().idx().load(),
+            7,
+            "every chain is returned to the guest"
+        );
         g.pump();
         assert!(g.received().is_empty(), "nothing answered to garbage");
 
@@ -823,7 +958,10 @@ mod tests {
         long.write_all(&[b'A'; 100]).unwrap();
         g.pump();
         // Closed: EOF, or a reset where our unread bytes were discarded.
-        let closed = |s: &mut UnixStream| matches!(s.read(&mut [0u8; 8]), Ok(0)) || matches!(s.read(&mut [0u8; 8]), Ok(0) | Err(_));
+        let closed = |s: &mut UnixStream| match s.read(&mut [0u8; 8]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        };
         assert!(closed(&mut junk));
         assert!(closed(&mut long));
         assert!(g.received().is_empty(), "the guest never hears of them");
