@@ -66,8 +66,11 @@ fn run(pid1: bool, args: &Args) -> Result<()> {
         init::mount_filesystems().context("mounting boot filesystems")?;
         init::loopback_up().context("bringing up lo")?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: on kvm-pvm hosts guest user code runs natively with AVX
+    // while the guest kernel (noxsave) only switches SSE state, so two
+    // guest threads using AVX corrupt each other's registers. A single
+    // agent thread is also the lighter choice on any host.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

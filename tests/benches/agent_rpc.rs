@@ -10,7 +10,9 @@ use vmcri_agent_client::{Agent, AgentAddr};
 use vmcri_tests::{artifacts, Scratch};
 
 const ROUND_TRIPS: usize = 300;
-const STREAM_BYTES: u64 = 64 << 20;
+// Small enough to finish in about a minute on nested software KVM,
+// where every guest packet costs emulated kernel time.
+const STREAM_BYTES: u64 = 16 << 20;
 
 struct Figures {
     p50: Duration,
