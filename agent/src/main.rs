@@ -64,7 +64,14 @@ fn run(pid1: bool, args: &Args) -> Result<()> {
     let listen: Listen = args.listen.parse().map_err(anyhow::Error::msg)?;
     if pid1 {
         init::mount_filesystems().context("mounting boot filesystems")?;
-        init::loopback_up().context("bringing up lo")?;
+    }
+    // In a VM, and in the fresh network namespace of the process backend,
+    // lo starts down.
+    if let Err(e) = init::loopback_up() {
+        if pid1 {
+            return Err(e).context("bringing up lo");
+        }
+        tracing::warn!(error = %e, "cannot bring up lo");
     }
     // One thread: on kvm-pvm hosts guest user code runs natively with AVX
     // while the guest kernel (noxsave) only switches SSE state, so two

@@ -2,8 +2,8 @@
 //! guest kernel, the VMM and the static guest programs.
 //!
 //! `tests/run` builds everything once and passes the paths in
-//! `VMCRI_KERNEL`, `VMCRI_VMM`, `VMCRI_GUEST_INIT`, `VMCRI_AGENT_INITRD`
-//! and `VMCRI_AGENT`; run alone, a test
+//! `VMCRI_KERNEL`, `VMCRI_VMM`, `VMCRI_GUEST_INIT`, `VMCRI_AGENT_INITRD`,
+//! `VMCRI_AGENT` and `VMCRI_BIN`; run alone, a test
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
@@ -33,6 +33,8 @@ pub struct Artifacts {
     pub agent_initrd: PathBuf,
     /// The agent built for the host (the `process` backend).
     pub agent: PathBuf,
+    /// The `vmcri` daemon binary.
+    pub vmcri: PathBuf,
 }
 
 fn last_line_of(cmd: &mut Command) -> Result<PathBuf> {
@@ -96,7 +98,11 @@ fn locate() -> Result<Artifacts> {
         cargo_build(&["-p", "vmcri-agent"], false)?;
         Ok(repo_root().join("target/e2e/release/vmcri-agent"))
     })?;
-    for p in [&kernel, &vmm, &guest_init, &agent_initrd, &agent] {
+    let vmcri = from_env_or("VMCRI_BIN", || {
+        cargo_build(&["-p", "vmcri-runtime"], false)?;
+        Ok(repo_root().join("target/e2e/release/vmcri"))
+    })?;
+    for p in [&kernel, &vmm, &guest_init, &agent_initrd, &agent, &vmcri] {
         if !p.is_file() {
             bail!("{} does not exist", p.display());
         }
@@ -107,6 +113,7 @@ fn locate() -> Result<Artifacts> {
         guest_init,
         agent_initrd,
         agent,
+        vmcri,
     })
 }
 

@@ -1,0 +1,310 @@
+//! The daemon's configuration: embedded defaults, overridden by an
+//! optional TOML file, overridden by command-line flags.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The defaults, documented; `vmcri config` prints them.
+pub const DEFAULT_CONFIG: &str = r#"# vmcri configuration. Every key is optional; these are the defaults.
+
+# CRI socket kubelet and crictl connect to.
+listen = "/run/vmcri/vmcri.sock"
+# Persistent state (sandbox records) lives here.
+root = "/var/lib/vmcri"
+# Runtime handler used when a pod names none (RuntimeClass handler "").
+default_handler = "vmcri"
+# Cache of built guest artifacts (guest-kernel/build, agent/build-initramfs).
+cache = "/var/cache/vmcri"
+
+# RuntimeClass handlers. backend = "microvm" (one VM per pod, the product)
+# or "process" (the agent in host namespaces: no VM isolation, for
+# development and hosts without usable KVM).
+[handlers.vmcri]
+backend = "microvm"
+vcpus = 1
+memory_mib = 256
+
+[handlers.vmcri-process]
+backend = "process"
+
+[microvm]
+# Guest kernel and agent initramfs; empty = the newest in `cache`.
+kernel = ""
+initrd = ""
+# vmcri-vmm binary; empty = next to the vmcri binary, else $PATH.
+vmm = ""
+# How long a guest may take to boot and answer (nested KVM is slow).
+boot_timeout_secs = 300
+
+[process]
+# vmcri-agent binary; empty = next to the vmcri binary, else $PATH.
+agent = ""
+boot_timeout_secs = 30
+
+[agent]
+# Deadline of every call to a guest agent.
+call_timeout_secs = 30
+# Grace period for a sandbox to shut down before it is killed.
+stop_timeout_secs = 10
+"#;
+
+/// Sandbox backend of a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One `vmcri-vmm` microVM per pod.
+    Microvm,
+    /// The agent as a host process in fresh namespaces.
+    Process,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Microvm => "microvm",
+            Backend::Process => "process",
+        })
+    }
+}
+
+/// One RuntimeClass handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handler {
+    /// Its backend.
+    pub backend: Backend,
+    /// vCPUs of each pod VM.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Memory of each pod VM.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_memory() -> u64 {
+    256
+}
+
+/// `[microvm]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicrovmConfig {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Agent initramfs.
+    pub initrd: PathBuf,
+    /// VMM binary.
+    pub vmm: PathBuf,
+    /// Boot deadline.
+    pub boot_timeout_secs: u64,
+}
+
+/// `[process]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Agent binary.
+    pub agent: PathBuf,
+    /// Start deadline.
+    pub boot_timeout_secs: u64,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Per-call deadline.
+    pub call_timeout_secs: u64,
+    /// Stop grace period.
+    pub stop_timeout_secs: u64,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// CRI socket.
+    pub listen: PathBuf,
+    /// State root.
+    pub root: PathBuf,
+    /// Default handler.
+    pub default_handler: String,
+    /// Artifact cache.
+    pub cache: PathBuf,
+    /// Handlers by RuntimeClass handler name.
+    pub handlers: BTreeMap<String, Handler>,
+    /// microVM settings.
+    pub microvm: MicrovmConfig,
+    /// Process backend settings.
+    pub process: ProcessConfig,
+    /// Agent settings.
+    pub agent: AgentConfig,
+}
+
+/// Errors in loading the configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// Values that cannot work together.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Merges `overlay` onto `base`, table by table. A handler is replaced
+/// whole (its defaults would not make sense for another backend), while
+/// handlers the overlay does not name are kept.
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(toml::Value::Table(handlers)) if k == "handlers" => {
+                        if let toml::Value::Table(named) = v {
+                            handlers.extend(named);
+                        }
+                    }
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+impl Config {
+    /// The embedded defaults, with `file` (if any) laid over them.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let parse = |text: &str, path: &str| {
+            text.parse::<toml::Value>()
+                .map_err(|source| ConfigError::Parse {
+                    path: path.to_string(),
+                    source,
+                })
+        };
+        let mut value = parse(DEFAULT_CONFIG, "<embedded defaults>")?;
+        if let Some(path) = file {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: name.clone(),
+                source,
+            })?;
+            merge(&mut value, parse(&text, &name)?);
+        }
+        let config: Config = value.try_into().map_err(|source| ConfigError::Parse {
+            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.handlers.contains_key(&self.default_handler) {
+            return Err(ConfigError::Invalid(format!(
+                "default_handler {:?} is not a configured handler",
+                self.default_handler
+            )));
+        }
+        for (name, h) in &self.handlers {
+            if h.backend == Backend::Microvm && (h.vcpus == 0 || h.vcpus > 32 || h.memory_mib < 64)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "handler {name}: vcpus must be 1-32 and memory_mib at least 64"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The handler for a RuntimeClass handler name ("" = the default).
+    pub fn handler(&self, name: &str) -> Option<(&str, &Handler)> {
+        let name = if name.is_empty() {
+            self.default_handler.as_str()
+        } else {
+            name
+        };
+        self.handlers
+            .get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.listen, PathBuf::from("/run/vmcri/vmcri.sock"));
+        assert_eq!(c.handler("").unwrap().1.backend, Backend::Microvm);
+        assert_eq!(
+            c.handler("vmcri-process").unwrap().1.backend,
+            Backend::Process
+        );
+        assert!(c.handler("nope").is_none());
+    }
+
+    #[test]
+    fn file_overrides_only_what_it_names() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "root = \"/tmp/x\"\n[microvm]\nboot_timeout_secs = 5\n[handlers.big]\nbackend = \"microvm\"\nvcpus = 4\nmemory_mib = 1024").unwrap();
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/x"));
+        assert_eq!(c.microvm.boot_timeout_secs, 5);
+        assert_eq!(c.microvm.vmm, PathBuf::from(""));
+        assert_eq!(c.handler("big").unwrap().1.vcpus, 4);
+        assert!(c.handler("vmcri").is_some(), "default handlers remain");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "lisen = \"/x\"").unwrap();
+        assert!(matches!(
+            Config::load(Some(f.path())),
+            Err(ConfigError::Parse { .. })
+        ));
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        writeln!(g, "default_handler = \"missing\"").unwrap();
+        assert!(matches!(
+            Config::load(Some(g.path())),
+            Err(ConfigError::Invalid(_))
+        ));
+        let mut h = tempfile::NamedTempFile::new().unwrap();
+        writeln!(h, "[handlers.x]\nbackend = \"microvm\"\nvcpus = 0").unwrap();
+        assert!(matches!(
+            Config::load(Some(h.path())),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            Config::load(Some(Path::new("/nonexistent.toml"))),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

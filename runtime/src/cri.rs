@@ -1,0 +1,631 @@
+//! The CRI v1 services. Pod sandboxes are served in full. Containers need
+//! the container engine and images (issues 4 and 5), which have not landed:
+//! CreateContainer and every image call say so (Unimplemented), and calls
+//! naming a container answer NotFound, which is true, since none can exist
+//! yet. Nothing silently succeeds.
+
+use crate::config::Config;
+use crate::sandbox::{EventKind, RunRequest, SandboxError, SandboxEvent, Sandboxes};
+use crate::store::{PodMeta, SandboxRecord, SandboxState};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_server::ImageService;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// Version reported to kubelet.
+pub const RUNTIME_NAME: &str = "vmcri";
+/// The CRI API version we serve.
+pub const CRI_API_VERSION: &str = "v1";
+
+/// The RuntimeService and ImageService.
+pub struct Cri {
+    config: Arc<Config>,
+    sandboxes: Arc<Sandboxes>,
+    pod_cidr: Mutex<String>,
+}
+
+impl Cri {
+    /// Serves `sandboxes` under `config`.
+    pub fn new(config: Arc<Config>, sandboxes: Arc<Sandboxes>) -> Self {
+        Cri {
+            config,
+            sandboxes,
+            pod_cidr: Mutex::new(String::new()),
+        }
+    }
+}
+
+impl From<SandboxError> for Status {
+    fn from(e: SandboxError) -> Status {
+        let msg = e.to_string();
+        match e {
+            SandboxError::Invalid(_) => Status::invalid_argument(msg),
+            SandboxError::NotFound(_) => Status::not_found(msg),
+            SandboxError::Exists { .. } => Status::already_exists(msg),
+            SandboxError::Backend(_) => Status::unavailable(msg),
+            SandboxError::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+fn to_hash(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn state_of(rec: &SandboxRecord) -> i32 {
+    match rec.state {
+        SandboxState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        SandboxState::NotReady => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+fn metadata(rec: &SandboxRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: rec.meta.name.clone(),
+        uid: rec.meta.uid.clone(),
+        namespace: rec.meta.namespace.clone(),
+        attempt: rec.meta.attempt,
+    }
+}
+
+fn sandbox_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: rec.id.clone(),
+        metadata: Some(metadata(rec)),
+        state: state_of(rec),
+        created_at: rec.created_at_ns,
+        // Pod networking has not landed: the pod has no IP yet.
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: None,
+        labels: to_hash(&rec.labels),
+        annotations: to_hash(&rec.annotations),
+        runtime_handler: rec.handler.clone(),
+    }
+}
+
+fn container_not_found(id: &str) -> Status {
+    if id.is_empty() {
+        Status::invalid_argument("container ID is empty")
+    } else {
+        Status::not_found(format!("container {id} not found"))
+    }
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "vmcri {}: {what} is not implemented yet",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+fn no_containers_yet() -> Status {
+    unimplemented(
+        "CreateContainer (the container engine and image service arrive with issues 4 and 5)",
+    )
+}
+
+/// Validates and converts a RunPodSandbox request.
+fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, Status> {
+    let config = req
+        .config
+        .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is required"))?;
+    let m = config
+        .metadata
+        .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is required"))?;
+    for (field, value) in [
+        ("name", &m.name),
+        ("uid", &m.uid),
+        ("namespace", &m.namespace),
+    ] {
+        if value.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "RunPodSandbox: metadata.{field} is required"
+            )));
+        }
+    }
+    if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "RunPodSandbox: log_directory {:?} must be an absolute path",
+            config.log_directory
+        )));
+    }
+    if config.hostname.len() > 64 || config.hostname.contains('/') {
+        return Err(Status::invalid_argument(format!(
+            "RunPodSandbox: invalid hostname {:?}",
+            config.hostname
+        )));
+    }
+    Ok(RunRequest {
+        meta: PodMeta {
+            name: m.name,
+            uid: m.uid,
+            namespace: m.namespace,
+            attempt: m.attempt,
+        },
+        labels: config.labels.into_iter().collect(),
+        annotations: config.annotations.into_iter().collect(),
+        handler: req.runtime_handler,
+        hostname: config.hostname,
+        log_directory: config.log_directory,
+    })
+}
+
+fn matches_filter(rec: &SandboxRecord, f: &cri::PodSandboxFilter) -> bool {
+    (f.id.is_empty() || rec.id.starts_with(&f.id))
+        && f.state.as_ref().is_none_or(|s| s.state == state_of(rec))
+        && f.label_selector
+            .iter()
+            .all(|(k, v)| rec.labels.get(k) == Some(v))
+}
+
+fn event(ev: SandboxEvent) -> cri::ContainerEventResponse {
+    let kind = match ev.kind {
+        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    cri::ContainerEventResponse {
+        container_id: ev.record.id.clone(),
+        container_event_type: kind as i32,
+        created_at: ev.at_ns,
+        pod_sandbox_status: Some(sandbox_status(&ev.record)),
+        containers_statuses: Vec::new(),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RuntimeService for Cri {
+    async fn version(
+        &self,
+        _: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: CRI_API_VERSION.into(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let run = run_request(req.into_inner())?;
+        let id = self.sandboxes.run(run).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        self.sandboxes
+            .stop(&req.into_inner().pod_sandbox_id)
+            .await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        self.sandboxes
+            .remove(&req.into_inner().pod_sandbox_id)
+            .await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let req = req.into_inner();
+        let rec = self.sandboxes.get(&req.pod_sandbox_id)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            let verbose = serde_json::json!({
+                "backend": rec.backend.to_string(),
+                "pid": rec.process.map(|p| p.pid),
+                "agentSocket": rec.agent_socket,
+                "dir": rec.dir,
+                "reason": rec.reason,
+                "hostname": rec.hostname,
+            });
+            info.insert("info".to_string(), verbose.to_string());
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(sandbox_status(&rec)),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: crate::sandbox::now_ns(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let mut items: Vec<cri::PodSandbox> = self
+            .sandboxes
+            .list()
+            .iter()
+            .filter(|r| matches_filter(r, &filter))
+            .map(|r| cri::PodSandbox {
+                id: r.id.clone(),
+                metadata: Some(metadata(r)),
+                state: state_of(r),
+                created_at: r.created_at_ns,
+                labels: to_hash(&r.labels),
+                annotations: to_hash(&r.annotations),
+                runtime_handler: r.handler.clone(),
+            })
+            .collect();
+        items.sort_by_key(|p| p.created_at);
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let req = req.into_inner();
+        self.sandboxes.get(&req.pod_sandbox_id)?;
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
+        if config.metadata.is_none_or(|m| m.name.is_empty()) {
+            return Err(Status::invalid_argument(
+                "CreateContainer: config.metadata.name is required",
+            ));
+        }
+        if config.image.is_none_or(|i| i.image.is_empty()) {
+            return Err(Status::invalid_argument(
+                "CreateContainer: config.image.image is required",
+            ));
+        }
+        Err(no_containers_yet())
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        // Removing what does not exist is already done (CRI idempotency).
+        if req.into_inner().container_id.is_empty() {
+            return Err(Status::invalid_argument("container ID is empty"));
+        }
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        _: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        Ok(Response::new(cri::ListContainersResponse {
+            containers: Vec::new(),
+        }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn exec(
+        &self,
+        req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn port_forward(
+        &self,
+        req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        self.sandboxes.get(&req.into_inner().pod_sandbox_id)?;
+        Err(unimplemented(
+            "PortForward (the streaming server arrives with issue 7)",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(container_not_found(&req.into_inner().container_id))
+    }
+
+    async fn list_container_stats(
+        &self,
+        _: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Ok(Response::new(cri::ListContainerStatsResponse {
+            stats: Vec::new(),
+        }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        self.sandboxes.get(&req.into_inner().pod_sandbox_id)?;
+        Err(unimplemented(
+            "PodSandboxStats (guest cgroup stats arrive with the container engine)",
+        ))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(unimplemented(
+            "ListPodSandboxStats (guest cgroup stats arrive with the container engine)",
+        ))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        tracing::info!(pod_cidr = %cidr, "runtime config updated");
+        *self.pod_cidr.lock().unwrap_or_else(|e| e.into_inner()) = cidr;
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let conditions = vec![
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NoPodNetwork".into(),
+                message: "vmcri does not set up pod networking yet".into(),
+            },
+        ];
+        let mut info = HashMap::new();
+        if req.into_inner().verbose {
+            let handlers: BTreeMap<&String, String> = self
+                .config
+                .handlers
+                .iter()
+                .map(|(k, h)| (k, h.backend.to_string()))
+                .collect();
+            let cidr = self
+                .pod_cidr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let isolation = if self
+                .config
+                .handlers
+                .values()
+                .any(|h| h.backend == crate::config::Backend::Process)
+            {
+                "some handlers use the process backend: pods there have no VM isolation"
+            } else {
+                "every handler runs pods in microVMs"
+            };
+            let v = serde_json::json!({
+                "handlers": handlers,
+                "defaultHandler": self.config.default_handler,
+                "podCIDR": cidr,
+                "isolation": isolation,
+            });
+            info.insert("config".into(), v.to_string());
+        }
+        let runtime_handlers = self
+            .config
+            .handlers
+            .keys()
+            .map(|name| cri::RuntimeHandler {
+                name: name.clone(),
+                features: Some(cri::RuntimeHandlerFeatures::default()),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers,
+            features: Some(cri::RuntimeFeatures::default()),
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(unimplemented("CheckpointContainer"))
+    }
+
+    type GetContainerEventsStream = EventStream;
+
+    async fn get_container_events(
+        &self,
+        _: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        let stream =
+            BroadcastStream::new(self.sandboxes.subscribe()).filter_map(|item| match item {
+                Ok(ev) => Some(Ok(event(ev))),
+                // A subscriber too slow to keep up is told, not silently skipped.
+                Err(e) => Some(Err(Status::data_loss(format!("event stream lagged: {e}")))),
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(unimplemented("ListMetricDescriptors"))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(unimplemented("ListPodSandboxMetrics"))
+    }
+
+    async fn runtime_config(
+        &self,
+        _: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+}
+
+fn no_images_yet(rpc: &str) -> Status {
+    unimplemented(&format!("{rpc} (the image service arrives with issue 5)"))
+}
+
+#[tonic::async_trait]
+impl ImageService for Cri {
+    async fn list_images(
+        &self,
+        _: Request<cri::ListImagesRequest>,
+    ) -> Result<Response<cri::ListImagesResponse>, Status> {
+        Err(no_images_yet("ListImages"))
+    }
+
+    async fn image_status(
+        &self,
+        _: Request<cri::ImageStatusRequest>,
+    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
+        Err(no_images_yet("ImageStatus"))
+    }
+
+    async fn pull_image(
+        &self,
+        _: Request<cri::PullImageRequest>,
+    ) -> Result<Response<cri::PullImageResponse>, Status> {
+        Err(no_images_yet("PullImage"))
+    }
+
+    async fn remove_image(
+        &self,
+        _: Request<cri::RemoveImageRequest>,
+    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
+        Err(no_images_yet("RemoveImage"))
+    }
+
+    async fn image_fs_info(
+        &self,
+        _: Request<cri::ImageFsInfoRequest>,
+    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
+        Err(no_images_yet("ImageFsInfo"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, log_dir: &str) -> cri::RunPodSandboxRequest {
+        cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: name.into(),
+                    uid: "u1".into(),
+                    namespace: "default".into(),
+                    attempt: 0,
+                }),
+                log_directory: log_dir.into(),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        }
+    }
+
+    #[test]
+    fn run_requests_are_validated() {
+        assert!(run_request(req("p", "/var/log/pods/x")).is_ok());
+        let code = |r| run_request(r).unwrap_err().code();
+        assert_eq!(code(req("", "")), tonic::Code::InvalidArgument);
+        assert_eq!(code(req("p", "relative/dir")), tonic::Code::InvalidArgument);
+        assert_eq!(
+            code(cri::RunPodSandboxRequest::default()),
+            tonic::Code::InvalidArgument
+        );
+        let mut no_meta = req("p", "");
+        no_meta.config.as_mut().unwrap().metadata = None;
+        assert!(run_request(no_meta)
+            .unwrap_err()
+            .message()
+            .contains("metadata"));
+    }
+}

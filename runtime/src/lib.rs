@@ -1,0 +1,9 @@
+//! vmcri's CRI daemon: RuntimeService and ImageService over a Unix
+//! socket, pod sandboxes as microVMs or host processes.
+
+pub mod backend;
+pub mod config;
+pub mod cri;
+pub mod process;
+pub mod sandbox;
+pub mod store;

@@ -1,0 +1,142 @@
+//! `vmcri`: the CRI daemon (`vmcri serve`) and its helpers.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_stream::wrappers::UnixListenerStream;
+use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
+use vmcri_runtime::cri::Cri;
+use vmcri_runtime::sandbox::Sandboxes;
+use vmcri_runtime::store::Store;
+
+/// Largest CRI request accepted.
+const MAX_REQUEST: usize = 16 << 20;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Microvm,
+    Process,
+}
+
+/// vmcri: a Kubernetes container runtime that runs every pod in its own microVM.
+#[derive(Debug, Parser)]
+#[command(name = "vmcri", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve CRI v1 (RuntimeService and ImageService) on a Unix socket.
+    Serve {
+        /// TOML configuration laid over the embedded defaults (`vmcri config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CRI socket path.
+        #[arg(long)]
+        listen: Option<PathBuf>,
+        /// State root.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Backend of the default runtime handler.
+        #[arg(long, value_enum)]
+        sandbox_backend: Option<BackendArg>,
+    },
+    /// Print the embedded default configuration, with every key documented.
+    Config,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMCRI_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Config => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Serve {
+            config,
+            listen,
+            root,
+            sandbox_backend,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(r) = root {
+                cfg.root = r;
+            }
+            if let Some(b) = sandbox_backend {
+                let default = cfg.default_handler.clone();
+                if let Some(h) = cfg.handlers.get_mut(&default) {
+                    h.backend = match b {
+                        BackendArg::Microvm => Backend::Microvm,
+                        BackendArg::Process => Backend::Process,
+                    };
+                }
+            }
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(serve(Arc::new(cfg)))
+        }
+    }
+}
+
+async fn serve(config: Arc<Config>) -> Result<()> {
+    for (name, h) in &config.handlers {
+        if h.backend == Backend::Process {
+            tracing::warn!(handler = %name, "handler uses the process backend: its pods run on the host in namespaces, WITHOUT VM isolation");
+        }
+    }
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("creating state root {}", config.root.display()))?;
+    let store = Store::open(&config.root)?;
+    let sandboxes = Arc::new(Sandboxes::recover(config.clone(), store)?);
+    if let Some(dir) = config.listen.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&config.listen) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", config.listen.display()))
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(&config.listen)
+        .with_context(|| format!("binding {}", config.listen.display()))?;
+    let cri = Arc::new(Cri::new(config.clone(), sandboxes));
+    let runtime =
+        RuntimeServiceServer::from_arc(cri.clone()).max_decoding_message_size(MAX_REQUEST);
+    let images = ImageServiceServer::from_arc(cri).max_decoding_message_size(MAX_REQUEST);
+    tracing::info!(socket = %config.listen.display(), root = %config.root.display(), "vmcri serving CRI v1");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        // Pods keep running: a restarted daemon picks them up again.
+        tracing::info!("vmcri stopping; pods keep running");
+    };
+    tonic::transport::Server::builder()
+        .add_service(runtime)
+        .add_service(images)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

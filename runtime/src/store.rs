@@ -1,0 +1,234 @@
+//! Sandbox records on disk: one JSON file per sandbox, replaced
+//! atomically (write, fsync, rename), so a daemon killed at any moment
+//! restarts with every record either old or new, never torn.
+
+use crate::config::Backend;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Pod metadata from the CRI request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    /// Pod name.
+    pub name: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Attempt number.
+    pub attempt: u32,
+}
+
+/// Whether a sandbox can run containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxState {
+    /// Running, its agent answering.
+    Ready,
+    /// Stopped, failed, or its VM/agent died.
+    NotReady,
+}
+
+/// The process behind a sandbox (the VMM, or the agent on the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    /// PID.
+    pub pid: i32,
+    /// Start time in clock ticks since boot (/proc/PID/stat field 22),
+    /// which tells our process from a later one reusing the PID.
+    pub start_ticks: u64,
+}
+
+/// Everything the daemon knows about a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Sandbox ID (64 hex digits).
+    pub id: String,
+    /// Pod metadata.
+    pub meta: PodMeta,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// RuntimeClass handler that ran it.
+    pub handler: String,
+    /// Its backend.
+    pub backend: Backend,
+    /// Creation time, nanoseconds since the epoch.
+    pub created_at_ns: i64,
+    /// State.
+    pub state: SandboxState,
+    /// Why it is not ready, if it is not.
+    pub reason: Option<String>,
+    /// Its process, while one runs.
+    pub process: Option<ProcessRef>,
+    /// Where its agent listens (vsock.sock or agent.sock).
+    pub agent_socket: PathBuf,
+    /// Its private directory.
+    pub dir: PathBuf,
+    /// The pod's log directory from kubelet.
+    pub log_directory: String,
+    /// Hostname.
+    pub hostname: String,
+}
+
+/// Errors of the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// I/O on the state root.
+    #[error("state store {path}: {source}")]
+    Io {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A record that cannot be encoded.
+    #[error("encoding sandbox record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The sandbox records under `<root>/sandboxes/`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating) the store under `root`.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let dir = root.join("sandboxes");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Store { dir })
+    }
+
+    /// The private directory of sandbox `id`.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("sandbox.json")
+    }
+
+    /// Writes `rec` atomically.
+    pub fn save(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let dir = self.sandbox_dir(&rec.id);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = self.record_path(&rec.id);
+        let tmp = path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(rec)?;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&data).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Removes sandbox `id`'s record and directory.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.sandbox_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    /// Every readable record. A record that cannot be parsed is reported
+    /// and skipped, never fatal: one bad file must not stop the daemon.
+    pub fn load_all(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let path = entry.path().join("sandbox.json");
+            match std::fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice::<SandboxRecord>(&bytes) {
+                    Ok(rec) => out.push(rec),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "skipping unreadable sandbox record")
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "skipping unreadable sandbox record")
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(id: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            meta: PodMeta {
+                name: "p".into(),
+                uid: "u".into(),
+                namespace: "n".into(),
+                attempt: 0,
+            },
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            annotations: BTreeMap::new(),
+            handler: "vmcri".into(),
+            backend: Backend::Process,
+            created_at_ns: 1,
+            state: SandboxState::Ready,
+            reason: None,
+            process: Some(ProcessRef {
+                pid: 42,
+                start_ticks: 7,
+            }),
+            agent_socket: "/x".into(),
+            dir: "/d".into(),
+            log_directory: String::new(),
+            hostname: "h".into(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_remove() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        store.save(&record("a")).unwrap();
+        let mut b = record("b");
+        store.save(&b).unwrap();
+        b.state = SandboxState::NotReady;
+        store.save(&b).unwrap();
+        let mut all = store.load_all().unwrap();
+        all.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(all, vec![record("a"), b]);
+        store.remove("a").unwrap();
+        store.remove("a").unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        store.save(&record("good")).unwrap();
+        std::fs::create_dir_all(store.sandbox_dir("bad")).unwrap();
+        std::fs::write(store.record_path("bad"), b"{ torn").unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].id, "good");
+    }
+}

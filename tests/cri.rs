@@ -1,0 +1,578 @@
+//! `vmcri serve` through a CRI v1 client: pod sandbox RPCs with their
+//! error codes, events, and recovery after `kill -9` of the daemon, in the
+//! `process` backend; and a pod sandbox booted as a microVM.
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+use vmcri_tests::{artifacts, Scratch};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let a = artifacts();
+        let config = dir.join("vmcri.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "default_handler = \"vmcri-process\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 128\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
+                a.kernel.display(),
+                a.agent_initrd.display(),
+                a.vmm.display(),
+                a.agent.display()
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            child: Command::new("true").spawn().unwrap(),
+            socket: dir.join("cri.sock"),
+            root: dir.join("root"),
+            config,
+        };
+        d.restart();
+        d
+    }
+
+    fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Command::new(&artifacts().vmcri)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--listen")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if self.socket.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("vmcri serve did not create its socket");
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    async fn clients(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+        let path = self.socket.clone();
+        let channel = Endpoint::from_static("http://vmcri")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await
+            .unwrap();
+        (
+            RuntimeServiceClient::new(channel.clone()),
+            ImageServiceClient::new(channel),
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pod(name: &str, attempt: u32, labels: &[(&str, &str)]) -> cri::RunPodSandboxRequest {
+    cri::RunPodSandboxRequest {
+        config: Some(cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt,
+            }),
+            hostname: name.into(),
+            log_directory: "/var/log/pods/test".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+        runtime_handler: String::new(),
+    }
+}
+
+async fn status(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<cri::PodSandboxStatusResponse, tonic::Status> {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: true,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn list(
+    rt: &mut RuntimeServiceClient<Channel>,
+    filter: cri::PodSandboxFilter,
+) -> Vec<String> {
+    rt.list_pod_sandbox(cri::ListPodSandboxRequest {
+        filter: Some(filter),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .items
+    .into_iter()
+    .map(|p| p.id)
+    .collect()
+}
+
+fn state(s: &cri::PodSandboxStatusResponse) -> i32 {
+    s.status.as_ref().unwrap().state
+}
+
+const READY: i32 = cri::PodSandboxState::SandboxReady as i32;
+const NOTREADY: i32 = cri::PodSandboxState::SandboxNotready as i32;
+
+fn verbose_pid(s: &cri::PodSandboxStatusResponse) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_str(s.info.get("info")?).ok()?;
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn runtime_identity_status_and_config() {
+    let scratch = Scratch::new("cri-identity").unwrap();
+    let daemon = Daemon::start(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, mut img) = daemon.clients().await;
+        let v = rt
+            .version(cri::VersionRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+            ("vmcri", "v1")
+        );
+        let s = rt
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let conds = s.status.unwrap().conditions;
+        assert!(conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
+        assert!(conds
+            .iter()
+            .any(|c| c.r#type == "NetworkReady" && !c.status && !c.message.is_empty()));
+        assert!(s.info["config"].contains("no VM isolation"), "{:?}", s.info);
+        let names: Vec<String> = s.runtime_handlers.iter().map(|h| h.name.clone()).collect();
+        assert!(
+            names.contains(&"vmcri".to_string()) && names.contains(&"vmcri-process".to_string())
+        );
+        let c = rt
+            .runtime_config(cri::RuntimeConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            c.linux.unwrap().cgroup_driver,
+            cri::CgroupDriver::Cgroupfs as i32
+        );
+        let upd = cri::UpdateRuntimeConfigRequest {
+            runtime_config: Some(cri::RuntimeConfig {
+                network_config: Some(cri::NetworkConfig {
+                    pod_cidr: "10.88.0.0/16".into(),
+                }),
+            }),
+        };
+        rt.update_runtime_config(upd).await.unwrap();
+        let s = rt
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.info["config"].contains("10.88.0.0/16"));
+        // The image service says plainly that it is not there yet.
+        let e = img
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented);
+        assert!(e.message().contains("image service"), "{}", e.message());
+    });
+}
+
+#[test]
+fn pod_sandbox_lifecycle_filters_events_and_errors() {
+    let scratch = Scratch::new("cri-lifecycle").unwrap();
+    let daemon = Daemon::start(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = daemon.clients().await;
+        let mut events = rt
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+
+        let a = rt
+            .run_pod_sandbox(pod("a", 0, &[("app", "web")]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let b = rt
+            .run_pod_sandbox(pod("b", 0, &[("app", "db")]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        assert_eq!(a.len(), 64);
+        let sa = status(&mut rt, &a).await.unwrap();
+        assert_eq!(state(&sa), READY);
+        let st = sa.status.as_ref().unwrap();
+        assert_eq!(st.metadata.as_ref().unwrap().name, "a");
+        assert_eq!(st.labels["app"], "web");
+        assert_eq!(st.runtime_handler, "vmcri-process");
+        assert!(verbose_pid(&sa).is_some(), "{:?}", sa.info);
+
+        // Filters: ID prefix, label selector, state.
+        assert_eq!(
+            list(
+                &mut rt,
+                cri::PodSandboxFilter {
+                    id: a[..12].into(),
+                    ..Default::default()
+                }
+            )
+            .await,
+            vec![a.clone()]
+        );
+        let web = cri::PodSandboxFilter {
+            label_selector: [("app".to_string(), "db".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(list(&mut rt, web).await, vec![b.clone()]);
+        assert_eq!(
+            list(&mut rt, cri::PodSandboxFilter::default()).await.len(),
+            2
+        );
+
+        // Same metadata again: AlreadyExists; a new attempt is fine.
+        let dup = rt.run_pod_sandbox(pod("a", 0, &[])).await.unwrap_err();
+        assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+
+        // Stop is idempotent; a stopped sandbox is NotReady.
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        let sa = status(&mut rt, &a).await.unwrap();
+        assert_eq!(state(&sa), NOTREADY);
+        assert_eq!(verbose_pid(&sa), None, "no process once stopped");
+        let ready = cri::PodSandboxFilter {
+            state: Some(cri::PodSandboxStateValue { state: READY }),
+            ..Default::default()
+        };
+        assert_eq!(list(&mut rt, ready).await, vec![b.clone()]);
+
+        // Remove is idempotent; afterwards the sandbox is NotFound.
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            status(&mut rt, &a).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        // Removing a running sandbox stops it first.
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: b.clone(),
+        })
+        .await
+        .unwrap();
+        assert!(list(&mut rt, cri::PodSandboxFilter::default())
+            .await
+            .is_empty());
+
+        // Events: created, started for both; stopped and deleted for both.
+        let mut seen = Vec::new();
+        while seen.len() < 8 {
+            let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("event")
+                .unwrap()
+                .unwrap();
+            seen.push((ev.container_id, ev.container_event_type));
+        }
+        use cri::ContainerEventType as E;
+        for id in [&a, &b] {
+            let kinds: Vec<i32> = seen
+                .iter()
+                .filter(|(i, _)| i == id)
+                .map(|(_, k)| *k)
+                .collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    E::ContainerCreatedEvent as i32,
+                    E::ContainerStartedEvent as i32,
+                    E::ContainerStoppedEvent as i32,
+                    E::ContainerDeletedEvent as i32
+                ],
+                "{id}"
+            );
+        }
+
+        // Bad requests.
+        let mut no_meta = pod("c", 0, &[]);
+        no_meta.config.as_mut().unwrap().metadata = None;
+        assert_eq!(
+            rt.run_pod_sandbox(no_meta).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let mut rel_logs = pod("c", 0, &[]);
+        rel_logs.config.as_mut().unwrap().log_directory = "logs".into();
+        assert_eq!(
+            rt.run_pod_sandbox(rel_logs).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let mut bad_handler = pod("c", 0, &[]);
+        bad_handler.runtime_handler = "kata".into();
+        let e = rt.run_pod_sandbox(bad_handler).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("kata"), "{}", e.message());
+        assert_eq!(
+            status(&mut rt, "ffff").await.unwrap_err().code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            status(&mut rt, "").await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let e = rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: "ffff".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+
+        // Containers: no engine yet, and it says so; unknown IDs are NotFound.
+        let c = rt
+            .run_pod_sandbox(pod("c", 0, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let create = |sandbox: &str, image: &str| cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.into(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        };
+        assert_eq!(
+            rt.create_container(create("ffff", "busybox"))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            rt.create_container(create(&c, ""))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::InvalidArgument
+        );
+        let e = rt
+            .create_container(create(&c, "busybox"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented);
+        assert!(e.message().contains("not implemented"), "{}", e.message());
+        let e = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: "nope".into(),
+                cmd: vec!["true".into()],
+                timeout: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(rt
+            .list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .is_empty());
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: c })
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn daemon_kill_9_and_restart_recovers_every_pod() {
+    let scratch = Scratch::new("cri-restart").unwrap();
+    let mut daemon = Daemon::start(&scratch.0);
+    let runtime = rt();
+    let (keep, lose, lose_pid) = runtime.block_on(async {
+        let (mut rt, _) = daemon.clients().await;
+        let keep = rt
+            .run_pod_sandbox(pod("keep", 0, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let lose = rt
+            .run_pod_sandbox(pod("lose", 0, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let stopped = rt
+            .run_pod_sandbox(pod("stopped", 0, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: stopped,
+        })
+        .await
+        .unwrap();
+        let lose_pid = verbose_pid(&status(&mut rt, &lose).await.unwrap()).unwrap();
+        (keep, lose, lose_pid)
+    });
+    daemon.kill9();
+    // While the daemon is down, one pod's agent dies.
+    // SAFETY: signalling a PID the daemon reported as this pod's agent.
+    unsafe { libc::kill(lose_pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.restart();
+    runtime.block_on(async {
+        let (mut rt, _) = daemon.clients().await;
+        assert_eq!(
+            list(&mut rt, cri::PodSandboxFilter::default()).await.len(),
+            3,
+            "every pod is still known"
+        );
+        let k = status(&mut rt, &keep).await.unwrap();
+        assert_eq!(state(&k), READY, "the surviving pod is still ready");
+        let l = status(&mut rt, &lose).await.unwrap();
+        assert_eq!(state(&l), NOTREADY);
+        assert!(
+            l.info["info"].contains("exited while vmcri was not running"),
+            "{:?}",
+            l.info
+        );
+        let dup = rt.run_pod_sandbox(pod("keep", 0, &[])).await.unwrap_err();
+        assert_eq!(
+            dup.code(),
+            Code::AlreadyExists,
+            "recovered names stay reserved"
+        );
+        // The surviving pod is still reachable: stopping it is clean and quick.
+        let t = std::time::Instant::now();
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: keep.clone(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "stopped through its agent, not by timeout"
+        );
+        for id in [keep, lose] {
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn microvm_pod_sandbox_boots_stops_and_is_removed() {
+    let scratch = Scratch::new("cri-microvm").unwrap();
+    let daemon = Daemon::start(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = daemon.clients().await;
+        let mut req = pod("vm", 0, &[]);
+        req.runtime_handler = "vmcri".into();
+        let id = rt
+            .run_pod_sandbox(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let s = status(&mut rt, &id).await.unwrap();
+        assert_eq!(state(&s), READY);
+        assert!(s.info["info"].contains("microvm"), "{:?}", s.info);
+        let vmm_pid = verbose_pid(&s).unwrap();
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(state(&status(&mut rt, &id).await.unwrap()), NOTREADY);
+        let cmdline =
+            std::fs::read_to_string(format!("/proc/{vmm_pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !cmdline.contains("vmcri-vmm"),
+            "the VMM is gone after StopPodSandbox"
+        );
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .unwrap();
+    });
+}
