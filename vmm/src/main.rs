@@ -38,7 +38,8 @@ struct Args {
     /// Extra kernel command line, appended to the VMM's own options.
     #[arg(long)]
     cmdline: Option<String>,
-    /// Serial console output: a file path, or `-` for stdout.
+    /// Serial console output: a file path (at most 16 MiB is kept), or `-`
+    /// for stdout.
     #[arg(long, default_value = "-")]
     serial: String,
     /// CPUID profile.

@@ -8,7 +8,7 @@ use crate::devices::legacy::{
     I8042Reset, PanicPort, I8042_DATA_PORT, I8042_PORT_RANGE, PANIC_PORT,
 };
 use crate::devices::rng::Rng;
-use crate::devices::serial::{Console, COM1_IRQ, COM1_PORT, UART_PORT_RANGE};
+use crate::devices::serial::{Bounded, Console, COM1_IRQ, COM1_PORT, UART_PORT_RANGE};
 use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice};
 use crate::devices::vsock::Vsock;
 use crate::devices::IrqLine;
@@ -36,12 +36,17 @@ const VIRTIO_FIRST_IRQ: u32 = 5;
 /// Last GSI of KVM's IOAPIC.
 const LAST_IRQ: u32 = 23;
 
+/// Most console bytes written to a file; beyond that output is dropped,
+/// so a guest cannot fill the host's disk.
+pub const SERIAL_FILE_LIMIT: u64 = 16 << 20;
+
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created or truncated.
+    /// A file, created or truncated, holding at most
+    /// [`SERIAL_FILE_LIMIT`] bytes.
     File(PathBuf),
     /// Nowhere.
     Discard,

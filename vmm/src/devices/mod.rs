@@ -1,5 +1,18 @@
 //! Emulated devices and the buses that route guest accesses to them.
 
+/// Logs a warning the guest can trigger at will, at an exponentially
+/// thinning rate (1st, 2nd, 4th, 8th... occurrence of each call site), so a
+/// hostile guest cannot flood the host's logs.
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {{
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(occurrences = n, $($arg)+);
+        }
+    }};
+}
+
 pub mod bus;
 pub mod legacy;
 pub mod rng;

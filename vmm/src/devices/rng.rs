@@ -71,13 +71,13 @@ impl Active {
                 match mem.write_slice(&buf, desc.addr()) {
                     Ok(()) => written = written.saturating_add(len as u32),
                     Err(e) => {
-                        tracing::warn!(error = %e, "virtio-rng: descriptor outside guest memory");
+                        guest_warn!(error = %e, "virtio-rng: descriptor outside guest memory");
                         break;
                     }
                 }
             }
             if let Err(e) = self.queue.add_used(&mem, head, written) {
-                tracing::warn!(error = %e, "virtio-rng: cannot return buffer");
+                guest_warn!(error = %e, "virtio-rng: cannot return buffer");
                 break;
             }
             used_any = true;

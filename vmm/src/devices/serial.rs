@@ -24,6 +24,49 @@ impl Trigger for SerialIrq {
     }
 }
 
+/// A writer that passes at most `limit` bytes, then notes the truncation
+/// once and drops the rest: a guest must not be able to fill the host's
+/// disk through its console.
+pub struct Bounded<W: Write> {
+    inner: W,
+    left: u64,
+    truncated: bool,
+}
+
+impl<W: Write> Bounded<W> {
+    /// Wraps `inner`, letting `limit` bytes through.
+    pub fn new(inner: W, limit: u64) -> Self {
+        Bounded {
+            inner,
+            left: limit,
+            truncated: false,
+        }
+    }
+}
+
+impl<W: Write> Write for Bounded<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            if !self.truncated {
+                self.truncated = true;
+                let _ = self.inner.write_all(
+                    b"\n[vmcri-vmm: console output limit reached; the rest is dropped]\n",
+                );
+            }
+            // Claim the bytes as written: the guest is not to stall.
+            return Ok(buf.len());
+        }
+        let n = (buf.len() as u64).min(self.left) as usize;
+        let written = self.inner.write(&buf[..n])?;
+        self.left -= written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The console UART. vm-superio flushes its writer after every byte, so
 /// whoever follows the output sees it as the guest writes it.
 pub struct Console {
@@ -55,8 +98,8 @@ impl BusDevice for Console {
         if let (Some(b), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = self.uart.write(off, *b) {
                 // A console that cannot write (disk full, closed pipe) must
-                // not stop the guest; say so once per failing write.
-                tracing::warn!(error = ?e, "serial console write failed");
+                // not stop the guest.
+                guest_warn!(error = ?e, "serial console write failed");
             }
         }
         None
@@ -96,6 +139,22 @@ mod tests {
         );
         console.write(0, b"\n");
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hello\n");
+    }
+
+    #[test]
+    fn bounded_output_stops_at_its_limit_and_says_so_once() {
+        let sink = Sink::default();
+        let mut w = Bounded::new(sink.clone(), 4);
+        w.write_all(b"abcdef").unwrap();
+        w.write_all(b"ghi").unwrap();
+        let out = sink.0.lock().unwrap().clone();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("abcd\n[vmcri-vmm: console output limit reached"),
+            "{text}"
+        );
+        assert_eq!(text.matches("limit reached").count(), 1);
+        assert!(!text.contains("ef") && !text.contains("ghi"));
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl MmioTransport {
                 match self.activate() {
                     Ok(()) => self.activated = true,
                     Err(e) => {
-                        tracing::warn!(device = self.device.device_type(), error = %e, "virtio device activation failed");
+                        guest_warn!(device = self.device.device_type(), error = %e, "virtio device activation failed");
                         value |= status::DEVICE_NEEDS_RESET;
                     }
                 }

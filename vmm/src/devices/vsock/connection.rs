@@ -180,7 +180,7 @@ impl Connection {
             op::RW if self.state == State::Established && !self.peer_done_sending => {
                 if self.to_host.len() - self.ours_queued + payload.len() > BUF_ALLOC as usize {
                     // The guest ignored the credit we gave it.
-                    tracing::warn!(
+                    guest_warn!(
                         local_port = self.local_port,
                         peer_port = self.peer_port,
                         "vsock: guest overran its credit; resetting"

@@ -143,10 +143,10 @@ impl Muxer {
             let head = chain.head_index();
             if let Err(why) = self.handle_tx_chain(mem, chain) {
                 self.stats.malformed += 1;
-                tracing::warn!(why, "vsock: dropping malformed packet from the guest");
+                guest_warn!(why, "vsock: dropping malformed packet from the guest");
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
-                tracing::warn!(error = %e, "vsock: cannot return a tx buffer");
+                guest_warn!(error = %e, "vsock: cannot return a tx buffer");
                 break;
             }
             used = true;
@@ -207,7 +207,7 @@ impl Muxer {
     fn guest_connect(&mut self, hdr: &PacketHeader) {
         let port = hdr.dst_port;
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(
+            guest_warn!(
                 port,
                 "vsock: connection limit reached; refusing guest connect"
             );
@@ -488,7 +488,7 @@ impl Muxer {
                 Ok(mut w) => self.fill_rx(&mut w),
                 Err(_) => {
                     self.stats.malformed += 1;
-                    tracing::warn!("vsock: rx buffer outside guest memory");
+                    guest_warn!("vsock: rx buffer outside guest memory");
                     Some(0)
                 }
             };
