@@ -195,10 +195,11 @@ impl Vm {
             .map_err(kvm_err("register serial irqfd"))?;
         let out: Box<dyn Write + Send> = match &config.serial {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(
+            SerialOutput::File(p) => Box::new(Bounded::new(
                 std::fs::File::create(p)
                     .map_err(io_err(format!("create serial output {}", p.display())))?,
-            ),
+                SERIAL_FILE_LIMIT,
+            )),
             SerialOutput::Discard => Box::new(std::io::sink()),
         };
         let console = Arc::new(Mutex::new(Console::new(com1_irq, out)));
