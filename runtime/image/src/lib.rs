@@ -1,0 +1,6 @@
+//! Image layers for vmcri: the host side of the image service. Layers are
+//! unpacked once into their own directories, which the pod VMs later see
+//! read-only as overlay lower layers.
+
+pub mod tar_guard;
+pub mod unpack;
