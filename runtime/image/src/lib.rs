@@ -2,5 +2,6 @@
 //! unpacked once into their own directories, which the pod VMs later see
 //! read-only as overlay lower layers.
 
+pub mod content;
 pub mod tar_guard;
 pub mod unpack;

@@ -115,6 +115,13 @@ impl<R: Read> TarGuard<R> {
     }
 }
 
+impl<R> TarGuard<R> {
+    /// The wrapped reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
 impl<R: Read> Read for TarGuard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;

@@ -17,6 +17,7 @@
 //! leaves a half-unpacked layer that looks finished.
 
 use crate::tar_guard::TarGuard;
+use sha2::{Digest as _, Sha256};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
@@ -261,6 +262,19 @@ pub fn unpack_layer<R: Read>(
     dest: &Path,
     limits: &Limits,
 ) -> Result<UnpackStats, UnpackError> {
+    unpack_layer_verified(blob, compression, dest, limits, |_| Ok(()))
+}
+
+/// Like [`unpack_layer`], but `verify` sees the sha256 of the whole
+/// uncompressed stream (the layer's diff ID) and can refuse the layer
+/// before it is moved into place.
+pub fn unpack_layer_verified<R: Read>(
+    blob: R,
+    compression: Compression,
+    dest: &Path,
+    limits: &Limits,
+    verify: impl FnOnce(Sha256) -> Result<(), String>,
+) -> Result<UnpackStats, UnpackError> {
     if dest.exists() {
         return Err(UnpackError::Exists(dest.display().to_string()));
     }
@@ -271,7 +285,11 @@ pub fn unpack_layer<R: Read>(
     // A partial layer from an interrupted unpack is garbage.
     clear(&partial, false)?;
     fs::create_dir_all(&partial).map_err(io_at(format!("create {}", partial.display())))?;
-    match extract(blob, compression, &partial, limits) {
+    let outcome = extract(blob, compression, &partial, limits).and_then(|(stats, hash)| {
+        verify(hash).map_err(UnpackError::Invalid)?;
+        Ok(stats)
+    });
+    match outcome {
         Ok(stats) => {
             fs::rename(&partial, dest)
                 .map_err(io_at(format!("move layer into {}", dest.display())))?;
@@ -284,17 +302,31 @@ pub fn unpack_layer<R: Read>(
     }
 }
 
+/// Hashes what passes through.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 fn extract<R: Read>(
     blob: R,
     compression: Compression,
     root: &Path,
     limits: &Limits,
-) -> Result<UnpackStats, UnpackError> {
-    let guarded = TarGuard::new(
-        decoder(blob, compression)?,
-        limits.max_metadata_bytes,
-        limits.max_total_bytes,
-    );
+) -> Result<(UnpackStats, Sha256), UnpackError> {
+    let hashing = Hashing {
+        inner: decoder(blob, compression)?,
+        hash: Sha256::new(),
+    };
+    let guarded = TarGuard::new(hashing, limits.max_metadata_bytes, limits.max_total_bytes);
     let mut archive = tar::Archive::new(guarded);
     let mut stats = UnpackStats::default();
     // Directory modes are applied last: a read-only directory must not
@@ -428,7 +460,10 @@ fn extract<R: Read>(
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
             .map_err(io_at(format!("chmod {}", dir.display())))?;
     }
-    Ok(stats)
+    // The diff ID covers the whole stream, end-of-archive padding included.
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(io_at("read layer end"))?;
+    Ok((stats, rest.into_inner().hash))
 }
 
 #[cfg(test)]
