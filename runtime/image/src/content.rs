@@ -4,6 +4,7 @@
 //!
 //! Layout: `blobs/sha256/<hex>`, `layers/<chain-id hex>/`, `tmp/`.
 
+use crate::hashing::HashingReader;
 use crate::unpack::{self, Compression, Limits, UnpackError, UnpackStats};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
@@ -109,22 +110,6 @@ fn io_at(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContentError {
     move |source| ContentError::Io { what, source }
 }
 
-/// A reader that hashes and counts what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-    len: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-}
-
 /// An exclusive lock on a file, held until dropped (flock: it also
 /// serialises other vmcri processes sharing the store).
 struct FileLock {
@@ -199,11 +184,8 @@ impl ContentStore {
             return Ok(dest);
         }
         let tmp = tempfile_in(&self.root.join("tmp"))?;
-        let mut src = Hashing {
-            inner: reader.take(size.map_or(u64::MAX, |s| s + 1)),
-            hash: Sha256::new(),
-            len: 0,
-        };
+        // One byte more than announced is enough to tell a lying size.
+        let mut src = HashingReader::new(reader.take(size.map_or(u64::MAX, |s| s + 1)));
         let result = (|| {
             let mut f =
                 fs::File::create(&tmp).map_err(io_at(format!("create {}", tmp.display())))?;
@@ -211,14 +193,14 @@ impl ContentStore {
             f.flush().map_err(io_at("flush blob"))?;
             f.sync_all().map_err(io_at("sync blob"))?;
             if let Some(s) = size {
-                if src.len != s {
+                if src.len() != s {
                     return Err(ContentError::Mismatch {
                         expected: expected.to_string(),
-                        why: format!("{} bytes, expected {s}", src.len),
+                        why: format!("{} bytes, expected {s}", src.len()),
                     });
                 }
             }
-            let got = Digest::from_hash(std::mem::take(&mut src.hash));
+            let got = Digest::from_hash(src.finish());
             if &got != expected {
                 return Err(ContentError::Mismatch {
                     expected: expected.to_string(),

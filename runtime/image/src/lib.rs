@@ -3,6 +3,7 @@
 //! read-only as overlay lower layers.
 
 pub mod content;
+pub mod hashing;
 pub mod reference;
 pub mod registry;
 pub mod tar_guard;

@@ -16,8 +16,9 @@
 //! place and renamed into place only when complete, so a crash never
 //! leaves a half-unpacked layer that looks finished.
 
+use crate::hashing::HashingReader;
 use crate::tar_guard::TarGuard;
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
@@ -302,30 +303,13 @@ pub fn unpack_layer_verified<R: Read>(
     }
 }
 
-/// Hashes what passes through.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 fn extract<R: Read>(
     blob: R,
     compression: Compression,
     root: &Path,
     limits: &Limits,
 ) -> Result<(UnpackStats, Sha256), UnpackError> {
-    let hashing = Hashing {
-        inner: decoder(blob, compression)?,
-        hash: Sha256::new(),
-    };
+    let hashing = HashingReader::new(decoder(blob, compression)?);
     let guarded = TarGuard::new(hashing, limits.max_metadata_bytes, limits.max_total_bytes);
     let mut archive = tar::Archive::new(guarded);
     let mut stats = UnpackStats::default();
@@ -463,7 +447,7 @@ fn extract<R: Read>(
     // The diff ID covers the whole stream, end-of-archive padding included.
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(io_at("read layer end"))?;
-    Ok((stats, rest.into_inner().hash))
+    Ok((stats, rest.into_inner().finish()))
 }
 
 #[cfg(test)]
