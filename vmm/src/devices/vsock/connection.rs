@@ -300,8 +300,10 @@ impl Connection {
         }
     }
 
-    /// The next control packet owed, if any, marking it sent.
-    pub fn next_control(&mut self) -> Option<PacketHeader> {
+    /// The next control packet owed, if any, marking it sent. After our
+    /// SHUTDOWN the guest owes an RST, which it must send by
+    /// `close_deadline`.
+    pub fn next_control(&mut self, close_deadline: Instant) -> Option<PacketHeader> {
         let o = &mut self.owed;
         let (op, flags) = if o.rst {
             o.rst = false;
@@ -316,6 +318,7 @@ impl Connection {
             (op::RESPONSE, 0)
         } else if o.shutdown {
             o.shutdown = false;
+            self.deadline = Some(close_deadline);
             (op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
         } else if o.credit_update {
             o.credit_update = false;
@@ -387,12 +390,5 @@ impl Connection {
             self.reset();
         }
         self.deadline = None;
-    }
-
-    /// Sets the deadline for the guest's RST after our SHUTDOWN.
-    pub fn arm_close_deadline(&mut self, at: Instant) {
-        if self.state == State::Closing && !self.owed.rst && self.deadline.is_none() {
-            self.deadline = Some(at);
-        }
     }
 }

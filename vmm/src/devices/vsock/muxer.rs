@@ -519,12 +519,9 @@ impl Muxer {
         if let Some(hdr) = self.rsts.pop_front() {
             return write_packet(w, &hdr, &[]);
         }
-        let now = Instant::now();
+        let close_deadline = Instant::now() + CLOSE_TIMEOUT;
         for conn in self.conns.values_mut() {
-            if let Some(hdr) = conn.next_control() {
-                if hdr.op == op::SHUTDOWN {
-                    conn.arm_close_deadline(now + CLOSE_TIMEOUT);
-                }
+            if let Some(hdr) = conn.next_control(close_deadline) {
                 return write_packet(w, &hdr, &[]);
             }
         }
@@ -542,10 +539,7 @@ impl Muxer {
                 Err(e) => tracing::debug!(error = %e, "vsock: host socket read failed"),
             }
             // EOF or nothing read: a control packet may now be owed.
-            if let Some(hdr) = conn.next_control() {
-                if hdr.op == op::SHUTDOWN {
-                    conn.arm_close_deadline(now + CLOSE_TIMEOUT);
-                }
+            if let Some(hdr) = conn.next_control(close_deadline) {
                 return write_packet(w, &hdr, &[]);
             }
         }
