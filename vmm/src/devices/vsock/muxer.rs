@@ -943,6 +943,47 @@ mod tests {
     }
 
     #[test]
+    fn many_concurrent_host_connections_each_get_their_own_stream() {
+        let mut g = Guest::new();
+        g.post_rx(200);
+        let mut clients: Vec<UnixStream> = (0..32)
+            .map(|_| {
+                let mut c = UnixStream::connect(g.uds()).unwrap();
+                c.write_all(b"CONNECT 1024\n").unwrap();
+                c
+            })
+            .collect();
+        g.pump();
+        let reqs = g.received();
+        assert_eq!(reqs.len(), 32);
+        let mut ports: Vec<u32> = reqs.iter().map(|(h, _)| h.src_port).collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), 32, "each connection has its own host port");
+        for (h, _) in &reqs {
+            g.send(hdr(op::RESPONSE, 1024, h.src_port, 0), &[]);
+        }
+        for c in clients.iter_mut() {
+            let mut line = [0u8; 14];
+            c.read_exact(&mut line).unwrap();
+            assert!(line.starts_with(b"OK "));
+            let port: u32 = std::str::from_utf8(&line[3..13]).unwrap().parse().unwrap();
+            c.write_all(format!("from {port}").as_bytes()).unwrap();
+        }
+        g.pump();
+        let data = g.received();
+        assert_eq!(data.len(), 32);
+        for (h, payload) in data {
+            assert_eq!(
+                payload,
+                format!("from {}", { h.src_port }).into_bytes(),
+                "data stays on its own stream"
+            );
+        }
+        assert_eq!(g.muxer.connection_count(), 32);
+    }
+
+    #[test]
     fn bad_handshakes_are_closed() {
         let mut g = Guest::new();
         g.post_rx(4);
