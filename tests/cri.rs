@@ -220,13 +220,65 @@ fn runtime_identity_status_and_config() {
             .unwrap()
             .into_inner();
         assert!(s.info["config"].contains("10.88.0.0/16"));
-        // The image service says plainly that it is not there yet.
-        let e = img
+        // Image service error paths (pulls from a real registry: images.rs).
+        let none = img
             .list_images(cri::ListImagesRequest::default())
             .await
+            .unwrap()
+            .into_inner();
+        assert!(none.images.is_empty());
+        let spec = |i: &str| {
+            Some(cri::ImageSpec {
+                image: i.into(),
+                ..Default::default()
+            })
+        };
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec("busybox"),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            st.image.is_none(),
+            "an absent image is no error, just no image"
+        );
+        let pull = |i: &str| cri::PullImageRequest {
+            image: spec(i),
+            auth: None,
+            sandbox_config: None,
+        };
+        let e = img.pull_image(pull("Not A Reference")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = img
+            .pull_image(cri::PullImageRequest::default())
+            .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::Unimplemented);
-        assert!(e.message().contains("image service"), "{}", e.message());
+        assert_eq!(e.code(), Code::InvalidArgument);
+        // Nothing listens on port 1 of loopback: the registry is unavailable.
+        let e = img
+            .pull_image(pull("127.0.0.1:1/nothing/here:v1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        img.remove_image(cri::RemoveImageRequest {
+            image: spec("never-pulled"),
+        })
+        .await
+        .unwrap();
+        let fs = img
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(fs.image_filesystems[0]
+            .fs_id
+            .as_ref()
+            .unwrap()
+            .mountpoint
+            .ends_with("content"));
     });
 }
 

@@ -43,6 +43,15 @@ boot_timeout_secs = 300
 agent = ""
 boot_timeout_secs = 30
 
+# Registries, in the spirit of containerd's hosts.toml. Registries on
+# loopback (localhost, 127.0.0.0/8, [::1]) are reached over plain HTTP with
+# no entry here. Example:
+#   [registries."registry.k8s.io"]
+#   mirrors = ["http://127.0.0.1:5000"]   # tried in order, then the registry
+#   insecure = false                      # plain HTTP to the registry itself
+#   ca_file = "/etc/vmcri/ca.pem"
+[registries]
+
 [agent]
 # Deadline of every call to a guest agent.
 call_timeout_secs = 30
@@ -145,6 +154,8 @@ pub struct Config {
     pub process: ProcessConfig,
     /// Agent settings.
     pub agent: AgentConfig,
+    /// Per-registry settings by registry host.
+    pub registries: BTreeMap<String, vmcri_image::registry::RegistryConfig>,
 }
 
 /// Errors in loading the configuration.
@@ -179,7 +190,7 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
-                    Some(toml::Value::Table(handlers)) if k == "handlers" => {
+                    Some(toml::Value::Table(handlers)) if k == "handlers" || k == "registries" => {
                         if let toml::Value::Table(named) = v {
                             handlers.extend(named);
                         }

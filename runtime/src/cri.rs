@@ -1,10 +1,11 @@
-//! The CRI v1 services. Pod sandboxes are served in full. Containers need
-//! the container engine and images (issues 4 and 5), which have not landed:
-//! CreateContainer and every image call say so (Unimplemented), and calls
-//! naming a container answer NotFound, which is true, since none can exist
-//! yet. Nothing silently succeeds.
+//! The CRI v1 services. Pod sandboxes and images are served in full.
+//! Containers need the container engine (issue 4), which has not landed:
+//! CreateContainer says so (Unimplemented), and calls naming a container
+//! answer NotFound, which is true, since none can exist yet. Nothing
+//! silently succeeds.
 
 use crate::config::Config;
+use crate::images::{ImageError, ImageRecord, Images};
 use crate::sandbox::{EventKind, RunRequest, SandboxError, SandboxEvent, Sandboxes};
 use crate::store::{PodMeta, SandboxRecord, SandboxState};
 use k8s_cri::v1 as cri;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use vmcri_image::pull::{Credentials, PullError};
 
 /// Version reported to kubelet.
 pub const RUNTIME_NAME: &str = "vmcri";
@@ -27,15 +29,17 @@ pub const CRI_API_VERSION: &str = "v1";
 pub struct Cri {
     config: Arc<Config>,
     sandboxes: Arc<Sandboxes>,
+    images: Arc<Images>,
     pod_cidr: Mutex<String>,
 }
 
 impl Cri {
     /// Serves `sandboxes` under `config`.
-    pub fn new(config: Arc<Config>, sandboxes: Arc<Sandboxes>) -> Self {
+    pub fn new(config: Arc<Config>, sandboxes: Arc<Sandboxes>, images: Arc<Images>) -> Self {
         Cri {
             config,
             sandboxes,
+            images,
             pod_cidr: Mutex::new(String::new()),
         }
     }
@@ -105,9 +109,7 @@ fn unimplemented(what: &str) -> Status {
 }
 
 fn no_containers_yet() -> Status {
-    unimplemented(
-        "CreateContainer (the container engine and image service arrive with issues 4 and 5)",
-    )
+    unimplemented("CreateContainer (the container engine arrives with issue 4)")
 }
 
 /// Validates and converts a RunPodSandbox request.
@@ -549,45 +551,157 @@ impl RuntimeService for Cri {
     }
 }
 
-fn no_images_yet(rpc: &str) -> Status {
-    unimplemented(&format!("{rpc} (the image service arrives with issue 5)"))
+impl From<ImageError> for Status {
+    fn from(e: ImageError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ImageError::Reference(_) => Status::invalid_argument(msg),
+            ImageError::Pull(PullError::Unauthorized { .. }) => Status::unauthenticated(msg),
+            ImageError::Pull(PullError::Registry { .. }) => Status::unavailable(msg),
+            ImageError::Pull(PullError::Invalid { .. }) => Status::failed_precondition(msg),
+            ImageError::Pull(PullError::Content(_))
+            | ImageError::Content(_)
+            | ImageError::Io { .. } => Status::internal(msg),
+        }
+    }
+}
+
+/// Registry credentials from a CRI AuthConfig: user and password, or the
+/// base64 `user:password` of `auth`.
+fn credentials(auth: Option<cri::AuthConfig>) -> Result<Option<Credentials>, Status> {
+    use base64::Engine as _;
+    let Some(a) = auth else { return Ok(None) };
+    if !a.username.is_empty() {
+        return Ok(Some(Credentials {
+            username: a.username,
+            password: a.password,
+        }));
+    }
+    if !a.auth.is_empty() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(a.auth.trim())
+            .map_err(|_| Status::invalid_argument("auth: not base64"))?;
+        let text =
+            String::from_utf8(raw).map_err(|_| Status::invalid_argument("auth: not UTF-8"))?;
+        let (u, p) = text
+            .split_once(':')
+            .ok_or_else(|| Status::invalid_argument("auth: expected user:password"))?;
+        return Ok(Some(Credentials {
+            username: u.to_string(),
+            password: p.to_string(),
+        }));
+    }
+    if !a.identity_token.is_empty() || !a.registry_token.is_empty() {
+        return Err(Status::unimplemented(
+            "token-based registry auth is not implemented yet; use username/password",
+        ));
+    }
+    Ok(None)
+}
+
+fn to_cri_image(r: &ImageRecord) -> cri::Image {
+    cri::Image {
+        id: r.id.clone(),
+        repo_tags: r.repo_tags.clone(),
+        repo_digests: r.repo_digests.clone(),
+        size: r.size,
+        uid: r.uid().map(|value| cri::Int64Value { value }),
+        username: r.username(),
+        spec: Some(cri::ImageSpec {
+            image: r.id.clone(),
+            ..Default::default()
+        }),
+        pinned: false,
+    }
+}
+
+fn image_name(spec: Option<cri::ImageSpec>, rpc: &str) -> Result<String, Status> {
+    spec.map(|s| s.image)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| Status::invalid_argument(format!("{rpc}: image is required")))
 }
 
 #[tonic::async_trait]
 impl ImageService for Cri {
     async fn list_images(
         &self,
-        _: Request<cri::ListImagesRequest>,
+        req: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
-        Err(no_images_yet("ListImages"))
+        let filter = req
+            .into_inner()
+            .filter
+            .and_then(|f| f.image)
+            .map(|i| i.image)
+            .filter(|i| !i.is_empty());
+        let images = match filter {
+            Some(f) => self
+                .images
+                .find(&f)
+                .into_iter()
+                .map(|r| to_cri_image(&r))
+                .collect(),
+            None => self.images.list().iter().map(to_cri_image).collect(),
+        };
+        Ok(Response::new(cri::ListImagesResponse { images }))
     }
 
     async fn image_status(
         &self,
-        _: Request<cri::ImageStatusRequest>,
+        req: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
-        Err(no_images_yet("ImageStatus"))
+        let req = req.into_inner();
+        let name = image_name(req.image, "ImageStatus")?;
+        // An absent image is not an error: the answer carries no image.
+        let found = self.images.find(&name);
+        let mut info = HashMap::new();
+        if let (true, Some(r)) = (req.verbose, &found) {
+            info.insert(
+                "info".to_string(),
+                serde_json::json!({ "chain": r.chain, "user": r.user }).to_string(),
+            );
+        }
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: found.as_ref().map(to_cri_image),
+            info,
+        }))
     }
 
     async fn pull_image(
         &self,
-        _: Request<cri::PullImageRequest>,
+        req: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
-        Err(no_images_yet("PullImage"))
+        let req = req.into_inner();
+        let name = image_name(req.image, "PullImage")?;
+        let creds = credentials(req.auth)?;
+        let id = self.images.pull(&name, creds).await?;
+        Ok(Response::new(cri::PullImageResponse { image_ref: id }))
     }
 
     async fn remove_image(
         &self,
-        _: Request<cri::RemoveImageRequest>,
+        req: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
-        Err(no_images_yet("RemoveImage"))
+        let name = image_name(req.into_inner().image, "RemoveImage")?;
+        self.images.remove(&name)?;
+        Ok(Response::new(cri::RemoveImageResponse {}))
     }
 
     async fn image_fs_info(
         &self,
         _: Request<cri::ImageFsInfoRequest>,
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
-        Err(no_images_yet("ImageFsInfo"))
+        let (bytes, inodes, root) = self.images.usage();
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![cri::FilesystemUsage {
+                timestamp: crate::sandbox::now_ns(),
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: root.display().to_string(),
+                }),
+                used_bytes: Some(cri::UInt64Value { value: bytes }),
+                inodes_used: Some(cri::UInt64Value { value: inodes }),
+            }],
+            container_filesystems: Vec::new(),
+        }))
     }
 }
 

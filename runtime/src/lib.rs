@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod cri;
+pub mod images;
 pub mod process;
 pub mod sandbox;
 pub mod store;

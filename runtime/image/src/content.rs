@@ -156,6 +156,11 @@ impl ContentStore {
         })
     }
 
+    /// A fresh path for a download in progress (not yet verified).
+    pub fn scratch_path(&self) -> PathBuf {
+        unique_in(&self.root.join("tmp"))
+    }
+
     /// Where blob `d` lives.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(d.hex())
@@ -183,7 +188,7 @@ impl ContentStore {
         if dest.is_file() {
             return Ok(dest);
         }
-        let tmp = tempfile_in(&self.root.join("tmp"))?;
+        let tmp = self.scratch_path();
         // One byte more than announced is enough to tell a lying size.
         let mut src = HashingReader::new(reader.take(size.map_or(u64::MAX, |s| s + 1)));
         let result = (|| {
@@ -257,12 +262,12 @@ impl ContentStore {
     }
 }
 
-fn tempfile_in(dir: &Path) -> Result<PathBuf, ContentError> {
+fn unique_in(dir: &Path) -> PathBuf {
     let mut b = [0u8; 8];
     // SAFETY: b is valid for 8 bytes.
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(dir.join(format!("blob-{}-{name}", std::process::id())))
+    dir.join(format!("blob-{}-{name}", std::process::id()))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod content;
 pub mod hashing;
+pub mod pull;
 pub mod reference;
 pub mod registry;
 pub mod tar_guard;

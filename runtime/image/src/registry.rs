@@ -2,13 +2,13 @@
 //! order, then the registry itself. Registries on loopback are reached
 //! over plain HTTP with no configuration, as containerd does.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Per-registry settings (the `[registries."<host>"]` table of the
 /// daemon's config, in the spirit of containerd's hosts.toml).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Mirrors tried in order before the registry itself, as URLs

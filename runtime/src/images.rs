@@ -1,0 +1,244 @@
+//! Images known to the daemon: pulled into the content store, named by
+//! the references users asked for, persisted atomically beside the
+//! sandbox records.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use thiserror::Error;
+use vmcri_image::content::{ContentError, ContentStore};
+use vmcri_image::pull::{self, Credentials, PullError};
+use vmcri_image::reference::{Reference, ReferenceError};
+use vmcri_image::registry::RegistryConfig;
+use vmcri_image::unpack::Limits;
+
+/// One image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Image ID: the config digest.
+    pub id: String,
+    /// Tags, as normalised references (`docker.io/library/busybox:latest`).
+    pub repo_tags: Vec<String>,
+    /// `name@sha256:<manifest>` for each name it was pulled as.
+    pub repo_digests: Vec<String>,
+    /// Compressed size.
+    pub size: u64,
+    /// Layer chain IDs, bottom first.
+    pub chain: Vec<String>,
+    /// The config's `User`.
+    pub user: String,
+}
+
+impl ImageRecord {
+    /// Numeric user from the config, if `User` starts with one.
+    pub fn uid(&self) -> Option<i64> {
+        self.user.split(':').next().and_then(|u| u.parse().ok())
+    }
+
+    /// User name from the config, if `User` names one.
+    pub fn username(&self) -> String {
+        let u = self.user.split(':').next().unwrap_or("");
+        if u.parse::<i64>().is_ok() {
+            String::new()
+        } else {
+            u.to_string()
+        }
+    }
+}
+
+/// Errors of image operations.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    /// A malformed reference (InvalidArgument).
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// Pull failures.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// Store failures.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// Metadata persistence.
+    #[error("image metadata {path}: {source}")]
+    Io {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// The image table.
+pub struct Images {
+    path: PathBuf,
+    store: ContentStore,
+    registries: BTreeMap<String, RegistryConfig>,
+    records: Mutex<BTreeMap<String, ImageRecord>>,
+    // Pulls of the same layer share work in the store; serialising whole
+    // pulls here keeps the metadata updates simple.
+    pulling: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Images {
+    /// Opens the table under `root`.
+    pub fn open(
+        root: &Path,
+        registries: BTreeMap<String, RegistryConfig>,
+    ) -> Result<Images, ImageError> {
+        let store = ContentStore::open(&root.join("content"))?;
+        let path = root.join("images.json");
+        let records = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "image metadata unreadable; starting with none");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        Ok(Images {
+            path,
+            store,
+            registries,
+            records: Mutex::new(records),
+            pulling: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn save(&self, records: &BTreeMap<String, ImageRecord>) -> Result<(), ImageError> {
+        let io = |source| ImageError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(records).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)
+    }
+
+    /// Pulls `image` and records it under the name asked for.
+    pub async fn pull(
+        &self,
+        image: &str,
+        creds: Option<Credentials>,
+    ) -> Result<String, ImageError> {
+        let reference = Reference::parse(image)?;
+        let _one = self.pulling.lock().await;
+        let pulled = pull::pull(
+            &self.store,
+            &reference,
+            creds.as_ref(),
+            &self.registries,
+            &Limits::default(),
+        )
+        .await?;
+        let config: serde_json::Value = serde_json::from_slice(&pulled.config).unwrap_or_default();
+        let id = pulled.id.to_string();
+        let mut records = lock(&self.records);
+        // A tag moves to the image it now names.
+        if let Some(tag) = reference
+            .tag
+            .as_ref()
+            .map(|_| reference.to_string())
+            .filter(|_| reference.digest.is_none())
+        {
+            for r in records.values_mut() {
+                r.repo_tags.retain(|t| t != &tag);
+            }
+        }
+        let rec = records.entry(id.clone()).or_insert_with(|| ImageRecord {
+            id: id.clone(),
+            repo_tags: Vec::new(),
+            repo_digests: Vec::new(),
+            size: pulled.size,
+            chain: pulled.chain.iter().map(ToString::to_string).collect(),
+            user: config["config"]["User"].as_str().unwrap_or("").to_string(),
+        });
+        if reference.digest.is_none() {
+            let tag = reference.to_string();
+            if !rec.repo_tags.contains(&tag) {
+                rec.repo_tags.push(tag);
+            }
+        }
+        let digest_ref = format!("{}@{}", reference.name(), pulled.manifest_digest);
+        if !rec.repo_digests.contains(&digest_ref) {
+            rec.repo_digests.push(digest_ref);
+        }
+        let snapshot = records.clone();
+        drop(records);
+        self.save(&snapshot)?;
+        tracing::info!(image = %reference, id = %id, "image pulled");
+        Ok(id)
+    }
+
+    /// Finds an image by ID (or unique ID prefix), tag or digest reference.
+    pub fn find(&self, image: &str) -> Option<ImageRecord> {
+        let records = lock(&self.records);
+        let bare = image.strip_prefix("sha256:").unwrap_or(image);
+        if bare.len() >= 12 && bare.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut m = records
+                .values()
+                .filter(|r| r.id.trim_start_matches("sha256:").starts_with(bare));
+            if let (Some(one), None) = (m.next(), m.next()) {
+                return Some(one.clone());
+            }
+        }
+        let norm = Reference::parse(image).ok()?.to_string();
+        records
+            .values()
+            .find(|r| r.repo_tags.contains(&norm) || r.repo_digests.contains(&norm))
+            .cloned()
+    }
+
+    /// Every image.
+    pub fn list(&self) -> Vec<ImageRecord> {
+        lock(&self.records).values().cloned().collect()
+    }
+
+    /// Removes a tag, or (by ID or digest) the whole image. Unknown
+    /// images are already gone: not an error. Layers stay until a prune.
+    pub fn remove(&self, image: &str) -> Result<(), ImageError> {
+        let Some(rec) = self.find(image) else {
+            return Ok(());
+        };
+        let mut records = lock(&self.records);
+        let norm = Reference::parse(image).ok().map(|r| r.to_string());
+        let by_tag = norm.as_ref().is_some_and(|n| rec.repo_tags.contains(n));
+        if by_tag && rec.repo_tags.len() > 1 {
+            if let Some(r) = records.get_mut(&rec.id) {
+                r.repo_tags.retain(|t| Some(t) != norm.as_ref());
+            }
+        } else {
+            records.remove(&rec.id);
+        }
+        let snapshot = records.clone();
+        drop(records);
+        self.save(&snapshot)
+    }
+
+    /// (bytes, inodes) used by the content store, and its path.
+    pub fn usage(&self) -> (u64, u64, PathBuf) {
+        fn walk(p: &Path, acc: &mut (u64, u64)) {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::symlink_metadata(p) {
+                acc.0 += m.blocks() * 512;
+                acc.1 += 1;
+                if m.is_dir() {
+                    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                        walk(&e.path(), acc);
+                    }
+                }
+            }
+        }
+        let root = self.path.with_file_name("content");
+        let mut acc = (0, 0);
+        walk(&root, &mut acc);
+        (acc.0, acc.1, root)
+    }
+}

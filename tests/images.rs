@@ -1,0 +1,414 @@
+//! The ImageService against a real registry on loopback (Debian's
+//! docker-registry, started here), with an image built by the test as an
+//! OCI layout and pushed with skopeo: pull by tag and by digest, mirrors,
+//! listing, status, removal, and a tampered blob.
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+use vmcri_tests::{artifacts, Scratch};
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Registry {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path) -> Registry {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (Debian package docker-registry) must be installed");
+    // Owned from here, so a failed start still reaps it.
+    let registry = Registry { child, port };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return registry;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("docker-registry did not start");
+}
+
+/// Writes a one-layer OCI image layout (a file and the config's user) and
+/// returns its directory.
+fn build_layout(dir: &Path, content: &[u8]) -> PathBuf {
+    let layout = dir.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_data(&mut h, "etc/hello.txt", content).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let diff_id = sha256_hex(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let layer = gz.finish().unwrap();
+    let layer_d = sha256_hex(&layer);
+    std::fs::write(blobs.join(&layer_d), &layer).unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"User":"1000:1000"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
+    );
+    let config_d = sha256_hex(config.as_bytes());
+    std::fs::write(blobs.join(&config_d), &config).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let manifest_d = sha256_hex(manifest.as_bytes());
+    std::fs::write(blobs.join(&manifest_d), &manifest).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_d}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    layout
+}
+
+fn push(layout: &Path, port: u16, repo: &str) {
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{port}/{repo}:v1"))
+        .output()
+        .expect("skopeo must be installed");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(dir: &Path, extra_config: &str) -> Daemon {
+    let config = dir.join("vmcri.toml");
+    std::fs::write(
+        &config,
+        format!("default_handler = \"vmcri-process\"\n{extra_config}"),
+    )
+    .unwrap();
+    let socket = dir.join("cri.sock");
+    let child = Command::new(&artifacts().vmcri)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--root")
+        .arg(dir.join("root"))
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, socket };
+    for _ in 0..200 {
+        if daemon.socket.exists() {
+            return daemon;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("vmcri serve did not start");
+}
+
+async fn client(socket: &Path) -> ImageServiceClient<Channel> {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://vmcri")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    ImageServiceClient::new(channel)
+}
+
+fn spec(i: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: i.into(),
+        ..Default::default()
+    })
+}
+
+fn pull_req(i: &str) -> cri::PullImageRequest {
+    cri::PullImageRequest {
+        image: spec(i),
+        auth: None,
+        sandbox_config: None,
+    }
+}
+
+#[test]
+fn pull_list_status_remove_by_tag_digest_and_mirror() {
+    let scratch = Scratch::new("images").unwrap();
+    let registry = start_registry(&scratch.0);
+    let layout = build_layout(&scratch.0, b"hello from the image\n");
+    push(&layout, registry.port, "test/app");
+    let mirror_cfg = format!(
+        "[registries.\"registry.example.test\"]\nmirrors = [\"http://127.0.0.1:{}\"]\n",
+        registry.port
+    );
+    let daemon = start_daemon(&scratch.0, &mirror_cfg);
+    let root = scratch.0.join("root");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut img = client(&daemon.socket).await;
+        let name = format!("127.0.0.1:{}/test/app:v1", registry.port);
+        let id = img
+            .pull_image(pull_req(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+
+        let list = img
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        assert_eq!(list.len(), 1);
+        let image = &list[0];
+        assert_eq!(image.id, id);
+        assert_eq!(image.repo_tags, vec![name.clone()]);
+        assert_eq!(image.repo_digests.len(), 1);
+        assert_eq!(image.uid.as_ref().map(|u| u.value), Some(1000));
+        assert!(image.size > 0);
+
+        // The layer is unpacked once, by chain ID, with its content.
+        let layers: Vec<PathBuf> = std::fs::read_dir(root.join("content/layers"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect();
+        assert_eq!(layers.len(), 1);
+        assert_eq!(
+            std::fs::read(layers[0].join("etc/hello.txt")).unwrap(),
+            b"hello from the image\n"
+        );
+
+        // By digest: the same image, found by its repo digest too.
+        let by_digest = image.repo_digests[0].clone();
+        let id2 = img
+            .pull_image(pull_req(&by_digest))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert_eq!(id2, id);
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&by_digest),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.image.unwrap().id, id);
+        assert!(st.info["info"].contains("chain"));
+
+        // Through a mirror: the name stays the one asked for.
+        let mirrored = "registry.example.test/test/app:v1";
+        let id3 = img
+            .pull_image(pull_req(mirrored))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert_eq!(id3, id);
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(mirrored),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let tags = st.image.unwrap().repo_tags;
+        assert!(
+            tags.contains(&mirrored.to_string()) && tags.contains(&name),
+            "{tags:?}"
+        );
+
+        // A tag that does not exist, and a registry that is down.
+        let e = img
+            .pull_image(pull_req(&format!(
+                "127.0.0.1:{}/test/app:nope",
+                registry.port
+            )))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::NotFound),
+            "{e:?}"
+        );
+
+        // Removing by tag drops one tag at a time; then the image.
+        img.remove_image(cri::RemoveImageRequest {
+            image: spec(mirrored),
+        })
+        .await
+        .unwrap();
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&name),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.image.unwrap().repo_tags, vec![name.clone()]);
+        img.remove_image(cri::RemoveImageRequest { image: spec(&name) })
+            .await
+            .unwrap();
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&id),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.image.is_none());
+        let fs = img
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value > 0);
+    });
+}
+
+#[test]
+fn a_tampered_blob_fails_the_pull_and_leaves_nothing() {
+    let scratch = Scratch::new("images-tamper").unwrap();
+    let registry = start_registry(&scratch.0);
+    let layout = build_layout(&scratch.0, b"original\n");
+    push(&layout, registry.port, "test/bad");
+    // Corrupt the layer blob inside the registry's storage.
+    let blobs = scratch
+        .0
+        .join("registry-data/docker/registry/v2/blobs/sha256");
+    let mut corrupted = 0;
+    for prefix in std::fs::read_dir(&blobs).unwrap() {
+        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let data = blob.unwrap().path().join("data");
+            let bytes = std::fs::read(&data).unwrap();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                let mut b = bytes.clone();
+                let n = b.len();
+                b[n - 10] ^= 0xff;
+                std::fs::write(&data, b).unwrap();
+                corrupted += 1;
+            }
+        }
+    }
+    assert_eq!(corrupted, 1);
+    let daemon = start_daemon(&scratch.0, "");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut img = client(&daemon.socket).await;
+        let e = img
+            .pull_image(pull_req(&format!(
+                "127.0.0.1:{}/test/bad:v1",
+                registry.port
+            )))
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), Code::Ok);
+        let list = img
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        assert!(list.is_empty(), "a failed pull records no image");
+    });
+    let layers = scratch.0.join("root/content/layers");
+    let visible: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(visible.is_empty(), "no layer from a bad blob: {visible:?}");
+}
