@@ -412,3 +412,29 @@ fn a_tampered_blob_fails_the_pull_and_leaves_nothing() {
         .collect();
     assert!(visible.is_empty(), "no layer from a bad blob: {visible:?}");
 }
+
+#[test]
+fn an_unreadable_configured_ca_fails_the_pull_clearly() {
+    let scratch = Scratch::new("images-ca").unwrap();
+    let daemon = start_daemon(
+        &scratch.0,
+        "[registries.\"127.0.0.1:1\"]\nca_file = \"/nonexistent/ca.pem\"\n",
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut img = client(&daemon.socket).await;
+        let e = img
+            .pull_image(pull_req("127.0.0.1:1/x/y:v1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("CA bundle /nonexistent/ca.pem"),
+            "{}",
+            e.message()
+        );
+    });
+}

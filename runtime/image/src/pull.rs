@@ -5,9 +5,11 @@
 
 use crate::content::{ContentError, ContentStore, Digest};
 use crate::reference::Reference;
-use crate::registry::{endpoints, RegistryConfig};
+use crate::registry::{endpoints, Endpoint, RegistryConfig};
 use crate::unpack::Limits;
-use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    linux_amd64_resolver, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
 use std::collections::BTreeMap;
@@ -87,7 +89,7 @@ pub async fn pull(
 ) -> Result<PulledImage, PullError> {
     let mut last = String::from("no endpoint");
     for ep in endpoints(&reference.registry, registries) {
-        match pull_from(store, reference, creds, &ep.url, limits).await {
+        match pull_from(store, reference, creds, &ep, limits).await {
             Ok(img) => return Ok(img),
             Err(PullError::Registry { last: why, .. }) => {
                 tracing::warn!(endpoint = %ep.url, image = %reference, error = %why, "pull from endpoint failed; trying the next");
@@ -106,10 +108,23 @@ async fn pull_from(
     store: &ContentStore,
     reference: &Reference,
     creds: Option<&Credentials>,
-    url: &str,
+    ep: &Endpoint,
     limits: &Limits,
 ) -> Result<PulledImage, PullError> {
-    let (host, plain_http) = host_of_url(url);
+    let (host, plain_http) = host_of_url(&ep.url);
+    let mut extra_root_certificates = Vec::new();
+    if let Some(ca) = &ep.ca_file {
+        // A configured CA that cannot be read is an error, not a silent
+        // fallback to the system roots.
+        let data = std::fs::read(ca).map_err(|e| PullError::Invalid {
+            reference: reference.to_string(),
+            why: format!("reading CA bundle {}: {e}", ca.display()),
+        })?;
+        extra_root_certificates.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        });
+    }
     let client = Client::new(ClientConfig {
         protocol: if plain_http {
             ClientProtocol::Http
@@ -117,6 +132,7 @@ async fn pull_from(
             ClientProtocol::Https
         },
         platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        extra_root_certificates,
         ..Default::default()
     });
     let oref = match (&reference.tag, &reference.digest) {

@@ -18,7 +18,7 @@ pub struct RegistryConfig {
     /// Reach the registry itself over plain HTTP.
     #[serde(default)]
     pub insecure: bool,
-    /// A CA bundle to trust for it (PEM file).
+    /// A CA bundle to trust for it and its mirrors (PEM file).
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
 }
@@ -30,6 +30,8 @@ pub struct Endpoint {
     pub url: String,
     /// Whether it is a mirror (else the registry itself).
     pub mirror: bool,
+    /// Extra CA bundle (PEM) to trust for it.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The host part of `host[:port]` or `[v6]:port`.
@@ -67,6 +69,7 @@ pub fn endpoints(registry: &str, configs: &BTreeMap<String, RegistryConfig>) -> 
         .map(|m| Endpoint {
             url: m.trim_end_matches('/').to_string(),
             mirror: true,
+            ca_file: cfg.ca_file.clone(),
         })
         .collect();
     let scheme = if cfg.insecure || is_loopback(registry) {
@@ -77,6 +80,7 @@ pub fn endpoints(registry: &str, configs: &BTreeMap<String, RegistryConfig>) -> 
     out.push(Endpoint {
         url: format!("{scheme}://{}", upstream_host(registry)),
         mirror: false,
+        ca_file: cfg.ca_file.clone(),
     });
     out
 }
