@@ -338,6 +338,22 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
         img.remove_image(cri::RemoveImageRequest { image: spec(&name) })
             .await
             .unwrap();
+        // Its layer and blobs went with it: no other image used them.
+        let content = root.join("content");
+        let visible = |d: &str| {
+            std::fs::read_dir(content.join(d))
+                .unwrap()
+                .filter(|e| {
+                    !e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with('.')
+                })
+                .count()
+        };
+        assert_eq!(visible("layers"), 0);
+        assert_eq!(visible("blobs/sha256"), 0);
         let st = img
             .image_status(cri::ImageStatusRequest {
                 image: spec(&id),

@@ -682,7 +682,7 @@ impl ImageService for Cri {
         req: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let name = image_name(req.into_inner().image, "RemoveImage")?;
-        self.images.remove(&name)?;
+        self.images.remove(&name).await?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 

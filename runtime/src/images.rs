@@ -4,11 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use thiserror::Error;
-use vmcri_image::content::{ContentError, ContentStore};
+use vmcri_image::content::{ContentError, ContentStore, Digest, GcStats};
 use vmcri_image::pull::{self, Credentials, PullError};
 use vmcri_image::reference::{Reference, ReferenceError};
 use vmcri_image::registry::RegistryConfig;
@@ -29,6 +30,9 @@ pub struct ImageRecord {
     pub chain: Vec<String>,
     /// The config's `User`.
     pub user: String,
+    /// Blobs (config and layers) it keeps alive in the store.
+    #[serde(default)]
+    pub blobs: Vec<String>,
 }
 
 impl ImageRecord {
@@ -159,6 +163,7 @@ impl Images {
             size: pulled.size,
             chain: pulled.chain.iter().map(ToString::to_string).collect(),
             user: config["config"]["User"].as_str().unwrap_or("").to_string(),
+            blobs: pulled.blobs.iter().map(ToString::to_string).collect(),
         });
         if reference.digest.is_none() {
             let tag = reference.to_string();
@@ -201,12 +206,15 @@ impl Images {
         lock(&self.records).values().cloned().collect()
     }
 
-    /// Removes a tag, or (by ID or digest) the whole image. Unknown
-    /// images are already gone: not an error. Layers stay until a prune.
-    pub fn remove(&self, image: &str) -> Result<(), ImageError> {
+    /// Removes a tag, or (by ID or digest) the whole image; once an image
+    /// is gone, the blobs and layers no other image uses are deleted.
+    /// Unknown images are already gone: not an error.
+    pub async fn remove(&self, image: &str) -> Result<(), ImageError> {
         let Some(rec) = self.find(image) else {
             return Ok(());
         };
+        // No pull may add references while unreferenced content goes.
+        let _no_pulls = self.pulling.lock().await;
         let mut records = lock(&self.records);
         let norm = Reference::parse(image).ok().map(|r| r.to_string());
         let by_tag = norm.as_ref().is_some_and(|n| rec.repo_tags.contains(n));
@@ -219,7 +227,25 @@ impl Images {
         }
         let snapshot = records.clone();
         drop(records);
-        self.save(&snapshot)
+        self.save(&snapshot)?;
+        if !snapshot.contains_key(&rec.id) {
+            let stats = self.gc(&snapshot)?;
+            tracing::info!(image = %rec.id, blobs = stats.blobs, layers = stats.layers, "image removed");
+        }
+        Ok(())
+    }
+
+    fn gc(&self, records: &BTreeMap<String, ImageRecord>) -> Result<GcStats, ImageError> {
+        let parse = |s: &String| Digest::parse(s).ok();
+        let blobs: BTreeSet<Digest> = records
+            .values()
+            .flat_map(|r| r.blobs.iter().filter_map(parse))
+            .collect();
+        let layers: BTreeSet<Digest> = records
+            .values()
+            .flat_map(|r| r.chain.iter().filter_map(parse))
+            .collect();
+        Ok(self.store.gc(&blobs, &layers)?)
     }
 
     /// (bytes, inodes) used by the content store, and its path.

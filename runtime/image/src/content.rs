@@ -7,6 +7,7 @@
 use crate::hashing::HashingReader;
 use crate::unpack::{self, Compression, Limits, UnpackError, UnpackStats};
 use sha2::{Digest as _, Sha256};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -262,6 +263,82 @@ impl ContentStore {
     }
 }
 
+/// What a garbage collection removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcStats {
+    /// Blobs deleted.
+    pub blobs: u64,
+    /// Unpacked layers deleted.
+    pub layers: u64,
+}
+
+impl ContentStore {
+    /// Deletes every blob and layer not in `keep_blobs` / `keep_layers`,
+    /// with leftovers of interrupted pulls (scratch files, partial
+    /// layers). The caller must hold off pulls while this runs.
+    pub fn gc(
+        &self,
+        keep_blobs: &BTreeSet<Digest>,
+        keep_layers: &BTreeSet<Digest>,
+    ) -> Result<GcStats, ContentError> {
+        let mut stats = GcStats::default();
+        let blobs = self.root.join("blobs/sha256");
+        for e in fs::read_dir(&blobs)
+            .map_err(io_at(format!("list {}", blobs.display())))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep =
+                Digest::parse(&format!("sha256:{name}")).is_ok_and(|d| keep_blobs.contains(&d));
+            if !keep {
+                fs::remove_file(e.path())
+                    .map_err(io_at(format!("remove {}", e.path().display())))?;
+                stats.blobs += 1;
+            }
+        }
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers)
+            .map_err(io_at(format!("list {}", layers.display())))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let chain = name
+                .trim_start_matches('.')
+                .split('.')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let kept =
+                Digest::parse(&format!("sha256:{chain}")).is_ok_and(|d| keep_layers.contains(&d));
+            let is_layer = !name.starts_with('.');
+            if is_layer && kept {
+                continue;
+            }
+            if !is_layer && name.ends_with(".lock") && kept {
+                continue;
+            }
+            let path = e.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(io_at(format!("remove {}", path.display())))?;
+            if is_layer {
+                stats.layers += 1;
+            }
+        }
+        let tmp = self.root.join("tmp");
+        for e in fs::read_dir(&tmp)
+            .map_err(io_at(format!("list {}", tmp.display())))?
+            .flatten()
+        {
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(stats)
+    }
+}
+
 fn unique_in(dir: &Path) -> PathBuf {
     let mut b = [0u8; 8];
     // SAFETY: b is valid for 8 bytes.
@@ -342,6 +419,50 @@ mod tests {
 #[cfg(test)]
 mod layer_tests {
     use super::*;
+
+    #[test]
+    fn gc_keeps_what_is_referenced_and_removes_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let mut chains = Vec::new();
+        let mut blobs = Vec::new();
+        for name in ["a", "b"] {
+            let tar = tar_with(name, name.as_bytes());
+            let blob = gzip(&tar);
+            let d = Digest::of(&blob);
+            store.put_blob(&d, None, &blob[..]).unwrap();
+            let diff = Digest::of(&tar);
+            let chain = Digest::chain(None, &diff);
+            store
+                .unpack(&d, GZ, &diff, &chain, &Limits::default())
+                .unwrap();
+            chains.push(chain);
+            blobs.push(d);
+        }
+        std::fs::write(store.scratch_path(), b"interrupted download").unwrap();
+        std::fs::create_dir_all(tmp.path().join("layers/.deadbeef.partial")).unwrap();
+        let stats = store
+            .gc(
+                &BTreeSet::from([blobs[0].clone()]),
+                &BTreeSet::from([chains[0].clone()]),
+            )
+            .unwrap();
+        assert_eq!(
+            stats,
+            GcStats {
+                blobs: 1,
+                layers: 1
+            }
+        );
+        assert!(store.has_blob(&blobs[0]) && !store.has_blob(&blobs[1]));
+        assert!(store.layer_path(&chains[0]).join("a").exists());
+        assert!(!store.layer_path(&chains[1]).exists());
+        assert!(!tmp.path().join("layers/.deadbeef.partial").exists());
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
 
     fn tar_with(name: &str, data: &[u8]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -38,6 +38,8 @@ pub struct PulledImage {
     pub chain: Vec<Digest>,
     /// Compressed size of config and layers.
     pub size: u64,
+    /// Blobs it needs kept: config and layers.
+    pub blobs: Vec<Digest>,
 }
 
 /// Why a pull failed.
@@ -215,9 +217,11 @@ async fn pull_from(
         )));
     }
     let mut chain = Vec::with_capacity(diff_ids.len());
+    let mut blobs = vec![config_digest.clone()];
     let mut size = manifest.config.size.max(0) as u64;
     for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
         let blob = Digest::parse(&layer.digest)?;
+        blobs.push(blob.clone());
         size += layer.size.max(0) as u64;
         if !store.has_blob(&blob) {
             // Stream to a scratch file, then verify it into the store.
@@ -270,5 +274,6 @@ async fn pull_from(
         config: config.into_bytes(),
         chain,
         size,
+        blobs,
     })
 }
