@@ -5,98 +5,35 @@
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
-use vmcri_tests::{artifacts, Scratch};
+use vmcri_tests::{artifacts, Daemon, Scratch};
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    root: PathBuf,
-    config: PathBuf,
+/// A daemon whose default handler is the process backend, with a
+/// microVM handler too, on the artifacts under test.
+fn start_daemon(dir: &Path) -> Daemon {
+    let a = artifacts();
+    Daemon::start(
+        dir,
+        &format!(
+            "default_handler = \"vmcri-process\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 128\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
+            a.kernel.display(),
+            a.agent_initrd.display(),
+            a.vmm.display(),
+            a.agent.display()
+        ),
+    )
 }
 
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let a = artifacts();
-        let config = dir.join("vmcri.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "default_handler = \"vmcri-process\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 128\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
-                a.kernel.display(),
-                a.agent_initrd.display(),
-                a.vmm.display(),
-                a.agent.display()
-            ),
-        )
-        .unwrap();
-        let mut d = Daemon {
-            child: Command::new("true").spawn().unwrap(),
-            socket: dir.join("cri.sock"),
-            root: dir.join("root"),
-            config,
-        };
-        d.restart();
-        d
-    }
-
-    fn restart(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
-        self.child = Command::new(&artifacts().vmcri)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--listen")
-            .arg(&self.socket)
-            .arg("--root")
-            .arg(&self.root)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if self.socket.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("vmcri serve did not create its socket");
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    async fn clients(&self) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
-        let path = self.socket.clone();
-        let channel = Endpoint::from_static("http://vmcri")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap();
-        (
-            RuntimeServiceClient::new(channel.clone()),
-            ImageServiceClient::new(channel),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn clients(d: &Daemon) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+    let channel = d.channel().await;
+    (
+        RuntimeServiceClient::new(channel.clone()),
+        ImageServiceClient::new(channel),
+    )
 }
 
 fn pod(name: &str, attempt: u32, labels: &[(&str, &str)]) -> cri::RunPodSandboxRequest {
@@ -170,9 +107,9 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn runtime_identity_status_and_config() {
     let scratch = Scratch::new("cri-identity").unwrap();
-    let daemon = Daemon::start(&scratch.0);
+    let daemon = start_daemon(&scratch.0);
     rt().block_on(async {
-        let (mut rt, mut img) = daemon.clients().await;
+        let (mut rt, mut img) = clients(&daemon).await;
         let v = rt
             .version(cri::VersionRequest::default())
             .await
@@ -285,9 +222,9 @@ fn runtime_identity_status_and_config() {
 #[test]
 fn pod_sandbox_lifecycle_filters_events_and_errors() {
     let scratch = Scratch::new("cri-lifecycle").unwrap();
-    let daemon = Daemon::start(&scratch.0);
+    let daemon = start_daemon(&scratch.0);
     rt().block_on(async {
-        let (mut rt, _) = daemon.clients().await;
+        let (mut rt, _) = clients(&daemon).await;
         let mut events = rt
             .get_container_events(cri::GetEventsRequest {})
             .await
@@ -516,10 +453,10 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
 #[test]
 fn daemon_kill_9_and_restart_recovers_every_pod() {
     let scratch = Scratch::new("cri-restart").unwrap();
-    let mut daemon = Daemon::start(&scratch.0);
+    let mut daemon = start_daemon(&scratch.0);
     let runtime = rt();
     let (keep, lose, lose_pid) = runtime.block_on(async {
-        let (mut rt, _) = daemon.clients().await;
+        let (mut rt, _) = clients(&daemon).await;
         let keep = rt
             .run_pod_sandbox(pod("keep", 0, &[]))
             .await
@@ -553,7 +490,7 @@ fn daemon_kill_9_and_restart_recovers_every_pod() {
     std::thread::sleep(Duration::from_millis(300));
     daemon.restart();
     runtime.block_on(async {
-        let (mut rt, _) = daemon.clients().await;
+        let (mut rt, _) = clients(&daemon).await;
         assert_eq!(
             list(&mut rt, cri::PodSandboxFilter::default()).await.len(),
             3,
@@ -596,9 +533,9 @@ fn daemon_kill_9_and_restart_recovers_every_pod() {
 #[test]
 fn microvm_pod_sandbox_boots_stops_and_is_removed() {
     let scratch = Scratch::new("cri-microvm").unwrap();
-    let daemon = Daemon::start(&scratch.0);
+    let daemon = start_daemon(&scratch.0);
     rt().block_on(async {
-        let (mut rt, _) = daemon.clients().await;
+        let (mut rt, _) = clients(&daemon).await;
         let mut req = pod("vm", 0, &[]);
         req.runtime_handler = "vmcri".into();
         let id = rt

@@ -10,9 +10,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
-use vmcri_tests::{artifacts, Scratch};
+use vmcri_tests::{Daemon, Scratch};
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
@@ -140,60 +140,15 @@ fn push(layout: &Path, port: u16, repo: &str) {
     );
 }
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_daemon(dir: &Path, extra_config: &str) -> Daemon {
-    let config = dir.join("vmcri.toml");
-    std::fs::write(
-        &config,
-        format!("default_handler = \"vmcri-process\"\n{extra_config}"),
+    Daemon::start(
+        dir,
+        &format!("default_handler = \"vmcri-process\"\n{extra_config}"),
     )
-    .unwrap();
-    let socket = dir.join("cri.sock");
-    let child = Command::new(&artifacts().vmcri)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .arg("--listen")
-        .arg(&socket)
-        .arg("--root")
-        .arg(dir.join("root"))
-        .spawn()
-        .unwrap();
-    let daemon = Daemon { child, socket };
-    for _ in 0..200 {
-        if daemon.socket.exists() {
-            return daemon;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("vmcri serve did not start");
 }
 
-async fn client(socket: &Path) -> ImageServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://vmcri")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
-    ImageServiceClient::new(channel)
+async fn client(daemon: &Daemon) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(daemon.channel().await)
 }
 
 fn spec(i: &str) -> Option<cri::ImageSpec> {
@@ -228,7 +183,7 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut img = client(&daemon.socket).await;
+        let mut img = client(&daemon).await;
         let name = format!("127.0.0.1:{}/test/app:v1", registry.port);
         let id = img
             .pull_image(pull_req(&name))
@@ -403,7 +358,7 @@ fn a_tampered_blob_fails_the_pull_and_leaves_nothing() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut img = client(&daemon.socket).await;
+        let mut img = client(&daemon).await;
         let e = img
             .pull_image(pull_req(&format!(
                 "127.0.0.1:{}/test/bad:v1",
@@ -441,7 +396,7 @@ fn an_unreadable_configured_ca_fails_the_pull_clearly() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut img = client(&daemon.socket).await;
+        let mut img = client(&daemon).await;
         let e = img
             .pull_image(pull_req("127.0.0.1:1/x/y:v1"))
             .await

@@ -154,3 +154,83 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `vmcri serve` under test, on its own socket and state root, killed
+/// when dropped (its pods are left to the test).
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its CRI socket.
+    pub socket: PathBuf,
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon in `dir` with `config` (TOML) laid over its
+    /// defaults, and waits for its socket.
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let path = dir.join("vmcri.toml");
+        std::fs::write(&path, config).expect("write daemon config");
+        let mut d = Daemon {
+            child: Command::new("true").spawn().expect("spawn placeholder"),
+            socket: dir.join("cri.sock"),
+            root: dir.join("root"),
+            config: path,
+        };
+        d.restart();
+        d
+    }
+
+    /// Starts the daemon (again), on the same socket, root and config.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Command::new(&artifacts().vmcri)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--listen")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .spawn()
+            .expect("spawn vmcri serve");
+        for _ in 0..200 {
+            if self.socket.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("vmcri serve did not create its socket");
+    }
+
+    /// SIGKILLs the daemon, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A channel to its CRI socket.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        let path = self.socket.clone();
+        tonic::transport::Endpoint::from_static("http://vmcri")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await
+            .expect("connect to the CRI socket")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
