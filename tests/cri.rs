@@ -386,7 +386,7 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
 
-        // Containers: no engine yet, and it says so; unknown IDs are NotFound.
+        // Container error paths (the lifecycle itself: containers.rs).
         let c = rt
             .run_pod_sandbox(pod("c", 0, &[]))
             .await
@@ -426,8 +426,8 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
             .create_container(create(&c, "busybox"))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::Unimplemented);
-        assert!(e.message().contains("not implemented"), "{}", e.message());
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains("pull it first"), "{}", e.message());
         let e = rt
             .exec_sync(cri::ExecSyncRequest {
                 container_id: "nope".into(),

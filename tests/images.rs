@@ -5,139 +5,20 @@
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
+use vmcri_tests::registry::{layout, push, start_registry, Entry};
 use vmcri_tests::{Daemon, Scratch};
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Registry {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry(dir: &Path) -> Registry {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry-data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (Debian package docker-registry) must be installed");
-    // Owned from here, so a failed start still reaps it.
-    let registry = Registry { child, port };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return registry;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("docker-registry did not start");
-}
 
 /// Writes a one-layer OCI image layout (a file and the config's user) and
 /// returns its directory.
 fn build_layout(dir: &Path, content: &[u8]) -> PathBuf {
-    let layout = dir.join("layout");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    tar.append_data(&mut h, "etc/hello.txt", content).unwrap();
-    let tar = tar.into_inner().unwrap();
-    let diff_id = sha256_hex(&tar);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    let layer = gz.finish().unwrap();
-    let layer_d = sha256_hex(&layer);
-    std::fs::write(blobs.join(&layer_d), &layer).unwrap();
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"User":"1000:1000"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
-    );
-    let config_d = sha256_hex(config.as_bytes());
-    std::fs::write(blobs.join(&config_d), &config).unwrap();
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}]}}"#,
-        config.len(),
-        layer.len()
-    );
-    let manifest_d = sha256_hex(manifest.as_bytes());
-    std::fs::write(blobs.join(&manifest_d), &manifest).unwrap();
-    std::fs::write(
-        layout.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_d}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#,
-            manifest.len()
-        ),
+    layout(
+        dir,
+        &[Entry::File("etc/hello.txt", content, 0o644)],
+        r#"{"User":"1000:1000"}"#,
     )
-    .unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    layout
-}
-
-fn push(layout: &Path, port: u16, repo: &str) {
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--preserve-digests",
-        ])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://127.0.0.1:{port}/{repo}:v1"))
-        .output()
-        .expect("skopeo must be installed");
-    assert!(
-        out.status.success(),
-        "skopeo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn start_daemon(dir: &Path, extra_config: &str) -> Daemon {

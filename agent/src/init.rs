@@ -1,6 +1,7 @@
 //! PID 1 duties: the filesystems every guest needs, the loopback
-//! interface, and reaping orphans. Done with syscalls only: in this
-//! machine's guest one fork+exec costs over a second.
+//! interface, and the PID namespace of the process backend. Done with
+//! syscalls only: in this machine's guest one fork+exec costs over a
+//! second.
 
 use std::ffi::CString;
 use std::io;
@@ -101,18 +102,113 @@ pub fn loopback_up() -> io::Result<()> {
     result
 }
 
-/// Reaps every exited child without blocking; returns how many.
-pub fn reap_zombies() -> usize {
-    let mut n = 0;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return n;
-        }
-        n += 1;
+/// True when our children would land in another PID namespace than ours
+/// (the runtime unshared one for us).
+pub fn pid_namespace_pending() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/pid"),
+        std::fs::read_link("/proc/self/ns/pid_for_children"),
+    ) {
+        (Ok(own), Ok(children)) => own != children,
+        // The link is absent while a fresh namespace has no process yet.
+        (Ok(_), Err(e)) => e.kind() == io::ErrorKind::NotFound,
+        _ => false,
     }
+}
+
+/// Forks; the child, PID 1 of the new namespace, returns true. The parent
+/// stays as the process the runtime tracks: it waits for the child and
+/// exits with its status. The child dies with the parent, so killing the
+/// tracked PID ends the pod.
+pub fn become_namespace_init() -> bool {
+    // SAFETY: fork before any thread exists (main calls this first).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: prctl with constant arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        return true;
+    }
+    if pid < 0 {
+        eprintln!(
+            "vmcri-agent: fork into the PID namespace: {}",
+            io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            std::process::exit(1);
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    std::process::exit(code);
+}
+
+fn mount_one(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount {fstype} on {target}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Mounts a procfs of our PID namespace on /proc (our mount namespace is
+/// private, so the host's /proc is untouched).
+pub fn mount_private_proc() -> io::Result<()> {
+    mount_one(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )
+}
+
+/// Mounts a tmpfs on `dir`: container writable layers live in memory
+/// and vanish with the sandbox's mount namespace.
+pub fn mount_state_tmpfs(dir: &std::path::Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let target = dir
+        .to_str()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state path is not UTF-8"))?;
+    mount_one(
+        "vmcri",
+        target,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0700",
+    )
+}
+
+/// A close-on-exec duplicate of stderr (stderr itself if dup fails).
+pub fn private_stderr() -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC on fd 2 returns a new descriptor we own.
+    let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    let fd = if fd < 0 { 2 } else { fd };
+    // SAFETY: fd is open and from here owned by the File.
+    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// Syncs filesystems and reboots the guest, which ends the VM.
@@ -123,23 +219,4 @@ pub fn reboot() -> io::Error {
         libc::reboot(libc::LINUX_REBOOT_CMD_RESTART);
     }
     io::Error::last_os_error()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reaping_with_no_children_returns_zero() {
-        assert_eq!(reap_zombies(), 0);
-    }
-
-    #[test]
-    fn reaps_an_exited_child() {
-        let child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        std::mem::forget(child);
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        assert!(reap_zombies() >= 1, "child {pid} not reaped");
-    }
 }

@@ -1,6 +1,7 @@
 //! `vmcri-agent`: PID 1 of a vmcri pod VM. Sets the guest up, then serves
 //! the agent API over vsock (or a Unix socket for tests without a VM).
 
+mod engine;
 mod init;
 mod service;
 mod transport;
@@ -25,6 +26,11 @@ struct Args {
     /// Where to serve: vsock:PORT or unix:PATH.
     #[arg(long, default_value_t = format!("vsock:{AGENT_VSOCK_PORT}"))]
     listen: String,
+    /// Where container state, bundles and writable layers live (in the
+    /// process backend a tmpfs is mounted there, in the sandbox's mount
+    /// namespace).
+    #[arg(long, default_value = "/run/vmcri")]
+    state: std::path::PathBuf,
 }
 
 fn main() {
@@ -34,19 +40,33 @@ fn main() {
     let args = if pid1 {
         Args::try_parse().unwrap_or(Args {
             listen: format!("vsock:{AGENT_VSOCK_PORT}"),
+            state: "/run/vmcri".into(),
         })
     } else {
         Args::parse()
     };
+    // Log through a private copy of stderr: the container engine logs
+    // from processes whose fd 2 is already the container's stderr, and
+    // agent logs must never land in a container's output.
+    let log = init::private_stderr();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMCRI_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // libcgroups warns about every controller a host lacks,
+                // libcontainer about the seccomp support we build without.
+                .unwrap_or_else(|_| {
+                    "warn,libcgroups=error,libcontainer::process::init::process=error".into()
+                }),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(ansi)
         .init();
-    let result = run(pid1, &args);
+    // On a host (the process backend) the runtime gives us a fresh PID
+    // namespace for our children: fork once so the agent itself is that
+    // namespace's init, as it is in a VM, and the pod's processes die with it.
+    let ns_init = !pid1 && init::pid_namespace_pending() && init::become_namespace_init();
+    let result = run(pid1, ns_init, &args);
     if let Err(e) = &result {
         eprintln!("vmcri-agent: {e:#}");
     }
@@ -61,11 +81,23 @@ fn main() {
     std::process::exit(if result.is_ok() { 0 } else { 1 });
 }
 
-fn run(pid1: bool, args: &Args) -> Result<()> {
+fn run(pid1: bool, ns_init: bool, args: &Args) -> Result<()> {
     let listen: Listen = args.listen.parse().map_err(anyhow::Error::msg)?;
     if pid1 {
         init::mount_filesystems().context("mounting boot filesystems")?;
     }
+    if ns_init {
+        // PIDs we see must match /proc, which the container engine reads.
+        init::mount_private_proc().context("mounting /proc for the PID namespace")?;
+        // Our mount namespace is the sandbox's own: container scratch
+        // space there lives in memory and goes with the sandbox.
+        init::mount_state_tmpfs(&args.state)
+            .with_context(|| format!("mounting a tmpfs on {}", args.state.display()))?;
+    }
+    let engine = std::sync::Arc::new(
+        engine::Engine::new(&args.state)
+            .with_context(|| format!("container state in {}", args.state.display()))?,
+    );
     // In a VM, and in the fresh network namespace of the process backend,
     // lo starts down.
     if let Err(e) = init::loopback_up() {
@@ -82,25 +114,26 @@ fn run(pid1: bool, args: &Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(pid1, listen))
+    runtime.block_on(serve(listen, engine))
 }
 
-async fn serve(pid1: bool, listen: Listen) -> Result<()> {
+async fn serve(listen: Listen, engine: Arc<engine::Engine>) -> Result<()> {
     let shutdown = Arc::new(Notify::new());
-    if pid1 {
-        tokio::spawn(async {
-            let Ok(mut sigchld) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-            else {
-                tracing::error!("cannot watch SIGCHLD; orphans will not be reaped");
-                return;
-            };
-            while sigchld.recv().await.is_some() {
-                init::reap_zombies();
-            }
-        });
-    }
-    let service = AgentServer::new(service::AgentService::new(shutdown.clone()))
+    // Always reap: container processes are our children, and as an
+    // init we also inherit orphans.
+    tokio::spawn(async {
+        let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        else {
+            tracing::error!("cannot watch SIGCHLD; exits will not be seen");
+            return;
+        };
+        // Children may have ended before the handler was installed.
+        engine::reaper::reap();
+        while sigchld.recv().await.is_some() {
+            engine::reaper::reap();
+        }
+    });
+    let service = AgentServer::new(service::AgentService::new(shutdown.clone(), engine))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let router = tonic::transport::Server::builder()

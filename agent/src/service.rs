@@ -1,6 +1,7 @@
-//! The agent API implementation. Guest info, health, the transport probe
-//! and shutdown are served here; the container engine arrives with the
-//! CRI daemon (issue 4) and its RPCs answer `Unimplemented` until then.
+//! The agent API implementation: guest info, health, the transport probe,
+//! shutdown, and the container RPCs over [`crate::engine`]. Sandbox
+//! networking, TTYs and port-forward answer `Unimplemented` until their
+//! issues land.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +13,12 @@ use vmcri_proto::agent::v1 as pb;
 use vmcri_proto::agent::v1::agent_server::Agent;
 use vmcri_proto::AGENT_API_VERSION;
 
+use crate::engine::{cgroup, process, Engine, EngineError};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
 /// Largest probe the host may ask for.
 pub const MAX_PROBE_BYTES: u64 = 1 << 30;
 /// Largest probe chunk.
@@ -21,12 +28,46 @@ const DEFAULT_PROBE_CHUNK: u32 = 64 * 1024;
 /// The agent's state.
 pub struct AgentService {
     shutdown: Arc<Notify>,
+    engine: Arc<Engine>,
 }
 
 impl AgentService {
-    /// A service whose Shutdown RPC notifies `shutdown`.
-    pub fn new(shutdown: Arc<Notify>) -> Self {
-        AgentService { shutdown }
+    /// A service running containers with `engine`, whose Shutdown RPC
+    /// notifies `shutdown`.
+    pub fn new(shutdown: Arc<Notify>, engine: Arc<Engine>) -> Self {
+        AgentService { shutdown, engine }
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Status {
+        let msg = e.to_string();
+        match e {
+            EngineError::Invalid(_) => Status::invalid_argument(msg),
+            EngineError::NotFound(_) => Status::not_found(msg),
+            EngineError::Exists(_) => Status::already_exists(msg),
+            EngineError::State(_) => Status::failed_precondition(msg),
+            EngineError::Failed(_) => Status::internal(msg),
+        }
+    }
+}
+
+fn process_ref(p: Option<pb::ProcessRef>) -> Result<pb::ProcessRef, Status> {
+    p.filter(|p| !p.container_id.is_empty())
+        .ok_or_else(|| Status::invalid_argument("process.container_id is required"))
+}
+
+fn stats_pb(s: &cgroup::Stats) -> pb::CgroupStats {
+    pb::CgroupStats {
+        cpu_usage_ns: s.cpu_usage_ns,
+        memory_usage_bytes: s.memory_usage_bytes,
+        memory_working_set_bytes: s.working_set_bytes,
+        memory_rss_bytes: s.rss_bytes,
+        memory_page_faults: s.page_faults,
+        memory_major_page_faults: s.major_page_faults,
+        pids_current: s.pids,
+        oom_kills: s.oom_kills,
+        timestamp_ns: process::now_ns(),
     }
 }
 
@@ -34,7 +75,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn not_yet(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "vmcri-agent {}: {rpc} is not implemented yet (the container engine arrives with the CRI daemon)",
+        "vmcri-agent {}: {rpc} is not implemented yet",
         env!("CARGO_PKG_VERSION")
     ))
 }
@@ -163,23 +204,46 @@ impl Agent for AgentService {
 
     async fn create_container(
         &self,
-        _: Request<pb::CreateContainerRequest>,
+        req: Request<pb::CreateContainerRequest>,
     ) -> Result<Response<pb::CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer"))
+        let req = req.into_inner();
+        if !req.mounts.is_empty() {
+            return Err(Status::invalid_argument(
+                "CreateContainer: mounts belong in the OCI spec; the mounts field is reserved",
+            ));
+        }
+        if req.tty {
+            return Err(Status::unimplemented(
+                "CreateContainer: TTYs are not supported yet (the streaming issue brings them)",
+            ));
+        }
+        let layers: Vec<PathBuf> = req.rootfs_layers.iter().map(PathBuf::from).collect();
+        let pid = self
+            .engine
+            .create(&req.container_id, &req.oci_spec_json, &layers, req.stdin)?;
+        Ok(Response::new(pb::CreateContainerResponse { pid }))
     }
 
     async fn start_container(
         &self,
-        _: Request<pb::StartContainerRequest>,
+        req: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer"))
+        self.engine.start(&req.into_inner().container_id)?;
+        Ok(Response::new(pb::StartContainerResponse {}))
     }
 
     async fn remove_container(
         &self,
-        _: Request<pb::RemoveContainerRequest>,
+        req: Request<pb::RemoveContainerRequest>,
     ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer"))
+        let req = req.into_inner();
+        self.engine
+            .remove(
+                &req.container_id,
+                Duration::from_secs(u64::from(req.timeout_secs)),
+            )
+            .await?;
+        Ok(Response::new(pb::RemoveContainerResponse {}))
     }
 
     async fn update_container_resources(
@@ -191,39 +255,133 @@ impl Agent for AgentService {
 
     async fn exec_process(
         &self,
-        _: Request<pb::ExecProcessRequest>,
+        req: Request<pb::ExecProcessRequest>,
     ) -> Result<Response<pb::ExecProcessResponse>, Status> {
-        Err(not_yet("ExecProcess"))
+        let req = req.into_inner();
+        if req.tty {
+            return Err(Status::unimplemented(
+                "ExecProcess: TTYs are not supported yet (the streaming issue brings them)",
+            ));
+        }
+        let env: HashMap<String, String> = req
+            .env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(Status::invalid_argument(format!(
+                    "ExecProcess: env entry {kv:?} is not KEY=VALUE"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let cwd = (!req.cwd.is_empty()).then(|| PathBuf::from(&req.cwd));
+        let pid = self.engine.exec(
+            &req.container_id,
+            &req.exec_id,
+            req.args,
+            env,
+            cwd,
+            req.stdin,
+        )?;
+        Ok(Response::new(pb::ExecProcessResponse { pid }))
     }
 
     async fn signal_process(
         &self,
-        _: Request<pb::SignalProcessRequest>,
+        req: Request<pb::SignalProcessRequest>,
     ) -> Result<Response<pb::SignalProcessResponse>, Status> {
-        Err(not_yet("SignalProcess"))
+        let req = req.into_inner();
+        let p = process_ref(req.process)?;
+        self.engine
+            .signal(&p.container_id, &p.exec_id, req.signal)?;
+        Ok(Response::new(pb::SignalProcessResponse {}))
     }
 
     async fn wait_process(
         &self,
-        _: Request<pb::WaitProcessRequest>,
+        req: Request<pb::WaitProcessRequest>,
     ) -> Result<Response<pb::WaitProcessResponse>, Status> {
-        Err(not_yet("WaitProcess"))
+        let p = process_ref(req.into_inner().process)?;
+        let ended = self.engine.wait(&p.container_id, &p.exec_id).await?;
+        use pb::wait_process_response::Reason;
+        let reason = if ended.oom_killed {
+            Reason::OomKilled
+        } else if ended.exit.signal != 0 {
+            Reason::Signaled
+        } else {
+            Reason::Exited
+        };
+        Ok(Response::new(pb::WaitProcessResponse {
+            exit_code: ended.exit.code,
+            signal: ended.exit.signal,
+            reason: reason as i32,
+            started_at_ns: ended.started_at_ns,
+            finished_at_ns: ended.exit.at_ns,
+        }))
     }
 
     async fn write_stdin(
         &self,
-        _: Request<Streaming<pb::StdinChunk>>,
+        req: Request<Streaming<pb::StdinChunk>>,
     ) -> Result<Response<pb::WriteStdinResponse>, Status> {
-        Err(not_yet("WriteStdin"))
+        let mut chunks = req.into_inner();
+        let Some(first) = chunks.next().await.transpose()? else {
+            return Ok(Response::new(pb::WriteStdinResponse { bytes_written: 0 }));
+        };
+        let p = process_ref(first.process.clone())?;
+        let proc = self.engine.proc(&p.container_id, &p.exec_id)?;
+        let mut written = 0u64;
+        let mut chunk = Some(first);
+        while let Some(c) = chunk {
+            let n = proc
+                .write_stdin(&c.data, c.eof)
+                .await
+                .map_err(|e| Status::failed_precondition(format!("stdin: {e}")))?;
+            written += n as u64;
+            if c.eof {
+                break;
+            }
+            chunk = chunks.next().await.transpose()?;
+        }
+        Ok(Response::new(pb::WriteStdinResponse {
+            bytes_written: written,
+        }))
     }
 
     type ReadOutputStream = BoxStream<pb::OutputChunk>;
 
     async fn read_output(
         &self,
-        _: Request<pb::ReadOutputRequest>,
+        req: Request<pb::ReadOutputRequest>,
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
-        Err(not_yet("ReadOutput"))
+        let req = req.into_inner();
+        let p = process_ref(req.process)?;
+        let proc = self.engine.proc(&p.container_id, &p.exec_id)?;
+        // Holding the reader for the stream's life keeps readers one at a
+        // time; a new reader resumes from the offset it says it saved.
+        let mut reader = proc.output().await;
+        reader.acknowledge(req.from_offset);
+        let mut pos = req.from_offset;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some((offset, c)) = reader.next_after(pos).await {
+                pos = offset + c.data.len() as u64;
+                let stream = match c.stream {
+                    process::Stream::Stdout => pb::output_chunk::Stream::Stdout,
+                    process::Stream::Stderr => pb::output_chunk::Stream::Stderr,
+                };
+                let chunk = pb::OutputChunk {
+                    stream: stream as i32,
+                    data: c.data,
+                    timestamp_ns: c.at_ns,
+                    offset,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    // The reader left; the next one resumes from its offset.
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn resize_tty(
@@ -235,9 +393,21 @@ impl Agent for AgentService {
 
     async fn container_stats(
         &self,
-        _: Request<pb::ContainerStatsRequest>,
+        req: Request<pb::ContainerStatsRequest>,
     ) -> Result<Response<pb::ContainerStatsResponse>, Status> {
-        Err(not_yet("ContainerStats"))
+        let req = req.into_inner();
+        let ids = if req.container_ids.is_empty() {
+            self.engine.ids()
+        } else {
+            req.container_ids
+        };
+        let mut stats = HashMap::new();
+        for id in ids {
+            if let Some(s) = self.engine.stats(&id)? {
+                stats.insert(id, stats_pb(&s));
+            }
+        }
+        Ok(Response::new(pb::ContainerStatsResponse { stats }))
     }
 
     async fn sandbox_stats(
@@ -261,6 +431,13 @@ impl Agent for AgentService {
         _: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
         tracing::info!("shutdown requested");
+        // Containers go first: on a host (process backend) their cgroups
+        // would otherwise outlive the sandbox.
+        for id in self.engine.ids() {
+            if let Err(e) = self.engine.remove(&id, Duration::ZERO).await {
+                tracing::warn!(container_id = %id, error = %e, "removing container at shutdown");
+            }
+        }
         self.shutdown.notify_one();
         Ok(Response::new(pb::ShutdownResponse {}))
     }

@@ -191,7 +191,9 @@ impl Backends {
                 let agent = find_binary(&self.config.process.agent, "vmcri-agent")?;
                 let mut cmd = Command::new(&agent);
                 cmd.arg("--listen")
-                    .arg(format!("unix:{}", rec.agent_socket.display()));
+                    .arg(format!("unix:{}", rec.agent_socket.display()))
+                    .arg("--state")
+                    .arg(rec.dir.join("agent"));
                 let hostname = rec.hostname.clone().into_bytes();
                 let p = process::spawn_detached(cmd, &log, move || enter_namespaces(&hostname))
                     .map_err(|source| BackendError::Spawn {
@@ -235,6 +237,9 @@ impl Backends {
     pub async fn stop(&self, rec: &SandboxRecord) {
         let Some(p) = rec.process else { return };
         if !process::alive(&p) {
+            if rec.backend == Backend::Process {
+                remove_host_cgroups(&rec.id);
+            }
             return;
         }
         let grace = Duration::from_secs(self.config.agent.stop_timeout_secs);
@@ -251,6 +256,30 @@ impl Backends {
             tracing::warn!(sandbox_id = %rec.id, pid = p.pid, "sandbox did not stop in time; killing");
             process::kill(&p);
             process::wait_gone(&p, Duration::from_secs(5)).await;
+        }
+        if rec.backend == Backend::Process {
+            remove_host_cgroups(&rec.id);
+        }
+    }
+}
+
+/// Removes the (empty, once its processes are gone) cgroups the process
+/// backend's containers had on the host: `<hierarchy>/vmcri/<sandbox>/*`.
+/// In a microVM they live and die in the guest.
+pub fn remove_host_cgroups(sandbox_id: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![root.join("vmcri").join(sandbox_id)];
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        bases.push(e.path().join("vmcri").join(sandbox_id));
+    }
+    for base in bases.iter().filter(|b| b.is_dir()) {
+        for c in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            if c.path().is_dir() {
+                let _ = std::fs::remove_dir(c.path());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(base) {
+            tracing::warn!(sandbox_id, path = %base.display(), error = %e, "cannot remove cgroup");
         }
     }
 }

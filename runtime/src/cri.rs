@@ -1,10 +1,11 @@
-//! The CRI v1 services. Pod sandboxes and images are served in full.
-//! Containers need the container engine (issue 4), which has not landed:
-//! CreateContainer says so (Unimplemented), and calls naming a container
-//! answer NotFound, which is true, since none can exist yet. Nothing
-//! silently succeeds.
+//! The CRI v1 services: pod sandboxes, containers and images. What is not
+//! supported (streaming, checkpoints, metrics) answers Unimplemented with
+//! a message; nothing silently succeeds.
 
 use crate::config::Config;
+use crate::container::{
+    ContainerError, ContainerEvent, ContainerRecord, ContainerState, Containers,
+};
 use crate::images::{ImageError, ImageRecord, Images};
 use crate::sandbox::{EventKind, RunRequest, SandboxError, SandboxEvent, Sandboxes};
 use crate::store::{PodMeta, SandboxRecord, SandboxState};
@@ -29,19 +30,170 @@ pub const CRI_API_VERSION: &str = "v1";
 pub struct Cri {
     config: Arc<Config>,
     sandboxes: Arc<Sandboxes>,
+    containers: Arc<Containers>,
     images: Arc<Images>,
     pod_cidr: Mutex<String>,
 }
 
 impl Cri {
-    /// Serves `sandboxes` under `config`.
-    pub fn new(config: Arc<Config>, sandboxes: Arc<Sandboxes>, images: Arc<Images>) -> Self {
+    /// Serves `sandboxes`, their containers and `images` under `config`.
+    pub fn new(
+        config: Arc<Config>,
+        sandboxes: Arc<Sandboxes>,
+        containers: Arc<Containers>,
+        images: Arc<Images>,
+    ) -> Self {
         Cri {
             config,
             sandboxes,
+            containers,
             images,
             pod_cidr: Mutex::new(String::new()),
         }
+    }
+}
+
+impl From<ContainerError> for Status {
+    fn from(e: ContainerError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ContainerError::Invalid(_) => Status::invalid_argument(msg),
+            ContainerError::Unsupported(_) => Status::unimplemented(msg),
+            ContainerError::NotFound(_) => Status::not_found(msg),
+            ContainerError::Exists(_) => Status::already_exists(msg),
+            ContainerError::State(_) => Status::failed_precondition(msg),
+            ContainerError::Timeout(_) => Status::deadline_exceeded(msg),
+            ContainerError::Sandbox(e) => e.into(),
+            // The agent's own verdict (InvalidArgument, NotFound, ...) stands.
+            ContainerError::Agent(vmcri_agent_client::ClientError::Rpc { status, .. }) => {
+                Status::new(status.code(), format!("agent: {}", status.message()))
+            }
+            ContainerError::Agent(_) => Status::unavailable(msg),
+            ContainerError::Io(_) => Status::internal(msg),
+        }
+    }
+}
+
+fn container_state(r: &ContainerRecord) -> i32 {
+    match r.state {
+        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+    }
+}
+
+fn container_metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
+    cri::ContainerMetadata {
+        name: r.name.clone(),
+        attempt: r.attempt,
+    }
+}
+
+fn image_spec(r: &ContainerRecord) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: r.image.clone(),
+        ..Default::default()
+    }
+}
+
+fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: Some(container_metadata(r)),
+        state: container_state(r),
+        created_at: r.created_at_ns,
+        started_at: r.started_at_ns,
+        finished_at: r.finished_at_ns,
+        exit_code: r.exit_code,
+        image: Some(image_spec(r)),
+        image_ref: r.image_ref.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: to_hash(&r.labels),
+        annotations: to_hash(&r.annotations),
+        mounts: r
+            .mounts
+            .iter()
+            .map(|m| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+                propagation: m.propagation,
+                ..Default::default()
+            })
+            .collect(),
+        log_path: r.log_path.clone(),
+        resources: None,
+        image_id: r.image_ref.clone(),
+        user: Some(cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: i64::from(r.uid),
+                gid: i64::from(r.gid),
+                supplemental_groups: r.additional_gids.iter().map(|g| i64::from(*g)).collect(),
+            }),
+        }),
+    }
+}
+
+fn container_matches(r: &ContainerRecord, f: &cri::ContainerFilter) -> bool {
+    (f.id.is_empty() || r.id.starts_with(&f.id))
+        && (f.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&f.pod_sandbox_id))
+        && f.state
+            .as_ref()
+            .is_none_or(|s| s.state == container_state(r))
+        && f.label_selector
+            .iter()
+            .all(|(k, v)| r.labels.get(k) == Some(v))
+}
+
+fn stats_of(
+    r: &ContainerRecord,
+    s: Option<&vmcri_proto::agent::v1::CgroupStats>,
+) -> cri::ContainerStats {
+    let ts = s.map_or_else(crate::sandbox::now_ns, |s| s.timestamp_ns);
+    let v = |x: u64| Some(cri::UInt64Value { value: x });
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: r.id.clone(),
+            metadata: Some(container_metadata(r)),
+            labels: to_hash(&r.labels),
+            annotations: to_hash(&r.annotations),
+        }),
+        cpu: s.map(|s| cri::CpuUsage {
+            timestamp: ts,
+            usage_core_nano_seconds: v(s.cpu_usage_ns),
+            usage_nano_cores: None,
+        }),
+        memory: s.map(|s| cri::MemoryUsage {
+            timestamp: ts,
+            working_set_bytes: v(s.memory_working_set_bytes),
+            available_bytes: None,
+            usage_bytes: v(s.memory_usage_bytes),
+            rss_bytes: v(s.memory_rss_bytes),
+            page_faults: v(s.memory_page_faults),
+            major_page_faults: v(s.memory_major_page_faults),
+        }),
+        writable_layer: None,
+        swap: None,
+    }
+}
+
+fn container_event(
+    ev: ContainerEvent,
+    sandbox: Option<SandboxRecord>,
+) -> cri::ContainerEventResponse {
+    let kind = match ev.kind {
+        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    cri::ContainerEventResponse {
+        container_id: ev.record.id.clone(),
+        container_event_type: kind as i32,
+        created_at: ev.at_ns,
+        pod_sandbox_status: sandbox.as_ref().map(sandbox_status),
+        containers_statuses: vec![container_status(&ev.record)],
     }
 }
 
@@ -93,23 +245,11 @@ fn sandbox_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
     }
 }
 
-fn container_not_found(id: &str) -> Status {
-    if id.is_empty() {
-        Status::invalid_argument("container ID is empty")
-    } else {
-        Status::not_found(format!("container {id} not found"))
-    }
-}
-
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!(
         "vmcri {}: {what} is not implemented yet",
         env!("CARGO_PKG_VERSION")
     ))
-}
-
-fn no_containers_yet() -> Status {
-    unimplemented("CreateContainer (the container engine arrives with issue 4)")
 }
 
 /// Validates and converts a RunPodSandbox request.
@@ -213,9 +353,14 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        self.sandboxes
-            .stop(&req.into_inner().pod_sandbox_id)
-            .await?;
+        let id = req.into_inner().pod_sandbox_id;
+        let id = match self.sandboxes.resolve(&id) {
+            Ok(id) => id,
+            Err(e) => return Err(e.into()),
+        };
+        self.containers.stop_all(&id).await;
+        self.sandboxes.stop(&id).await?;
+        self.containers.sandbox_stopped(&id);
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -223,9 +368,18 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        self.sandboxes
-            .remove(&req.into_inner().pod_sandbox_id)
-            .await?;
+        let id = req.into_inner().pod_sandbox_id;
+        let id = match self.sandboxes.resolve(&id) {
+            Ok(id) => id,
+            // Already gone: removal is idempotent.
+            Err(SandboxError::NotFound(_)) => {
+                return Ok(Response::new(cri::RemovePodSandboxResponse {}))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.containers.stop_all(&id).await;
+        self.sandboxes.remove(&id).await?;
+        self.containers.sandbox_removed(&id);
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -250,7 +404,13 @@ impl RuntimeService for Cri {
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(sandbox_status(&rec)),
             info,
-            containers_statuses: Vec::new(),
+            containers_statuses: self
+                .containers
+                .list()
+                .iter()
+                .filter(|c| c.sandbox_id == rec.id)
+                .map(container_status)
+                .collect(),
             timestamp: crate::sandbox::now_ns(),
         }))
     }
@@ -284,97 +444,152 @@ impl RuntimeService for Cri {
         req: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let req = req.into_inner();
-        self.sandboxes.get(&req.pod_sandbox_id)?;
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
-        if config.metadata.is_none_or(|m| m.name.is_empty()) {
-            return Err(Status::invalid_argument(
-                "CreateContainer: config.metadata.name is required",
-            ));
-        }
-        if config.image.is_none_or(|i| i.image.is_empty()) {
-            return Err(Status::invalid_argument(
-                "CreateContainer: config.image.image is required",
-            ));
-        }
-        Err(no_containers_yet())
+        let container_id = self.containers.create(&req.pod_sandbox_id, config).await?;
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 
     async fn start_container(
         &self,
         req: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        self.containers
+            .start(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
     }
 
     async fn stop_container(
         &self,
         req: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        let req = req.into_inner();
+        let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+        self.containers.stop(&req.container_id, timeout).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
     }
 
     async fn remove_container(
         &self,
         req: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        // Removing what does not exist is already done (CRI idempotency).
-        if req.into_inner().container_id.is_empty() {
-            return Err(Status::invalid_argument("container ID is empty"));
-        }
+        self.containers
+            .remove(&req.into_inner().container_id)
+            .await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
     async fn list_containers(
         &self,
-        _: Request<cri::ListContainersRequest>,
+        req: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
-        Ok(Response::new(cri::ListContainersResponse {
-            containers: Vec::new(),
-        }))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let mut containers: Vec<cri::Container> = self
+            .containers
+            .list()
+            .iter()
+            .filter(|r| container_matches(r, &filter))
+            .map(|r| cri::Container {
+                id: r.id.clone(),
+                pod_sandbox_id: r.sandbox_id.clone(),
+                metadata: Some(container_metadata(r)),
+                image: Some(image_spec(r)),
+                image_ref: r.image_ref.clone(),
+                state: container_state(r),
+                created_at: r.created_at_ns,
+                labels: to_hash(&r.labels),
+                annotations: to_hash(&r.annotations),
+                image_id: r.image_ref.clone(),
+            })
+            .collect();
+        containers.sort_by_key(|c| c.created_at);
+        Ok(Response::new(cri::ListContainersResponse { containers }))
     }
 
     async fn container_status(
         &self,
         req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        let req = req.into_inner();
+        let rec = self.containers.get(&req.container_id)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            let v = serde_json::json!({
+                "sandboxID": rec.sandbox_id,
+                "image": rec.image,
+                "user": {"uid": rec.uid, "gid": rec.gid, "additionalGids": rec.additional_gids},
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(container_status(&rec)),
+            info,
+        }))
     }
 
     async fn update_container_resources(
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        self.containers.get(&req.into_inner().container_id)?;
+        Err(unimplemented("UpdateContainerResources"))
     }
 
     async fn reopen_container_log(
         &self,
         req: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        self.containers
+            .reopen_log(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(
         &self,
         req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        let req = req.into_inner();
+        if req.timeout < 0 {
+            return Err(Status::invalid_argument(
+                "ExecSync: timeout must not be negative",
+            ));
+        }
+        let r = self
+            .containers
+            .exec_sync(
+                &req.container_id,
+                req.cmd,
+                std::time::Duration::from_secs(req.timeout as u64),
+            )
+            .await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: r.stdout,
+            stderr: r.stderr,
+            exit_code: r.exit_code,
+        }))
     }
 
     async fn exec(
         &self,
         req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        self.containers.get(&req.into_inner().container_id)?;
+        Err(unimplemented(
+            "Exec (the streaming server arrives with issue 7)",
+        ))
     }
 
     async fn attach(
         &self,
         req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        self.containers.get(&req.into_inner().container_id)?;
+        Err(unimplemented(
+            "Attach (the streaming server arrives with issue 7)",
+        ))
     }
 
     async fn port_forward(
@@ -391,16 +606,57 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(container_not_found(&req.into_inner().container_id))
+        let rec = self.containers.get(&req.into_inner().container_id)?;
+        let stats = if rec.state == ContainerState::Exited {
+            HashMap::new()
+        } else {
+            self.containers
+                .stats(&rec.sandbox_id, vec![rec.id.clone()])
+                .await?
+        };
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats_of(&rec, stats.get(&rec.id))),
+        }))
     }
 
     async fn list_container_stats(
         &self,
-        _: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Ok(Response::new(cri::ListContainerStatsResponse {
-            stats: Vec::new(),
-        }))
+        let f = req.into_inner().filter.unwrap_or_default();
+        let records: Vec<ContainerRecord> = self
+            .containers
+            .list()
+            .into_iter()
+            .filter(|r| {
+                (f.id.is_empty() || r.id.starts_with(&f.id))
+                    && (f.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&f.pod_sandbox_id))
+                    && f.label_selector
+                        .iter()
+                        .all(|(k, v)| r.labels.get(k) == Some(v))
+                    && r.state != ContainerState::Exited
+            })
+            .collect();
+        let mut by_sandbox: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in &records {
+            by_sandbox
+                .entry(r.sandbox_id.clone())
+                .or_default()
+                .push(r.id.clone());
+        }
+        let mut all = HashMap::new();
+        for (sandbox, ids) in by_sandbox {
+            // One unreachable sandbox must not hide the others' stats.
+            match self.containers.stats(&sandbox, ids).await {
+                Ok(s) => all.extend(s),
+                Err(e) => tracing::warn!(sandbox_id = %sandbox, error = %e, "container stats"),
+            }
+        }
+        let stats = records
+            .iter()
+            .map(|r| stats_of(r, all.get(&r.id)))
+            .collect();
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
 
     async fn pod_sandbox_stats(
@@ -516,13 +772,22 @@ impl RuntimeService for Cri {
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        let stream =
-            BroadcastStream::new(self.sandboxes.subscribe()).filter_map(|item| match item {
-                Ok(ev) => Some(Ok(event(ev))),
-                // A subscriber too slow to keep up is told, not silently skipped.
-                Err(e) => Some(Err(Status::data_loss(format!("event stream lagged: {e}")))),
+        // A subscriber too slow to keep up is told, not silently skipped.
+        let lagged = |e| Status::data_loss(format!("event stream lagged: {e}"));
+        let pods = BroadcastStream::new(self.sandboxes.subscribe()).map(move |item| match item {
+            Ok(ev) => Ok(event(ev)),
+            Err(e) => Err(lagged(e)),
+        });
+        let sandboxes = self.sandboxes.clone();
+        let containers =
+            BroadcastStream::new(self.containers.subscribe()).map(move |item| match item {
+                Ok(ev) => {
+                    let sandbox = sandboxes.get(&ev.record.sandbox_id).ok();
+                    Ok(container_event(ev, sandbox))
+                }
+                Err(e) => Err(lagged(e)),
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(pods.merge(containers))))
     }
 
     async fn list_metric_descriptors(
@@ -682,6 +947,20 @@ impl ImageService for Cri {
         req: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let name = image_name(req.into_inner().image, "RemoveImage")?;
+        if let Some(rec) = self.images.find(&name) {
+            // Dropping one of several tags leaves the image; anything that
+            // would delete it must wait until no container uses it.
+            let only_a_tag = rec.repo_tags.len() > 1
+                && vmcri_image::reference::Reference::parse(&name)
+                    .is_ok_and(|r| rec.repo_tags.contains(&r.to_string()));
+            if !only_a_tag {
+                if let Some(c) = self.containers.uses_image(&rec.id) {
+                    return Err(Status::failed_precondition(format!(
+                        "image {name} is in use by container {c}; remove the container first"
+                    )));
+                }
+            }
+        }
         self.images.remove(&name).await?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }

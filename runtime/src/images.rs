@@ -201,6 +201,33 @@ impl Images {
             .cloned()
     }
 
+    /// The unpacked layer directories of `rec`, lowest first.
+    pub fn layer_paths(&self, rec: &ImageRecord) -> Vec<PathBuf> {
+        rec.chain
+            .iter()
+            .filter_map(|c| Digest::parse(c).ok())
+            .map(|d| self.store.layer_path(&d))
+            .collect()
+    }
+
+    /// The image's configuration (entrypoint, env, user, ...), read from
+    /// its verified config blob.
+    pub fn config(
+        &self,
+        rec: &ImageRecord,
+    ) -> Result<oci_spec::image::ImageConfiguration, ImageError> {
+        let digest = Digest::parse(&rec.id)?;
+        let path = self.store.blob_path(&digest);
+        let bytes = std::fs::read(&path).map_err(|source| ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
     /// Every image.
     pub fn list(&self) -> Vec<ImageRecord> {
         lock(&self.records).values().cloned().collect()

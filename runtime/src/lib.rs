@@ -3,8 +3,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod container;
 pub mod cri;
 pub mod images;
+pub mod logs;
 pub mod process;
 pub mod sandbox;
+pub mod spec;
 pub mod store;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_stream::wrappers::UnixListenerStream;
 use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
+use vmcri_runtime::container::Containers;
 use vmcri_runtime::cri::Cri;
 use vmcri_runtime::images::Images;
 use vmcri_runtime::sandbox::Sandboxes;
@@ -118,7 +119,8 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     let listener = tokio::net::UnixListener::bind(&config.listen)
         .with_context(|| format!("binding {}", config.listen.display()))?;
     let images = Arc::new(Images::open(&config.root, config.registries.clone())?);
-    let cri = Arc::new(Cri::new(config.clone(), sandboxes, images));
+    let containers = Containers::recover(sandboxes.clone(), images.clone());
+    let cri = Arc::new(Cri::new(config.clone(), sandboxes, containers, images));
     let runtime =
         RuntimeServiceServer::from_arc(cri.clone()).max_decoding_message_size(MAX_REQUEST);
     let images = ImageServiceServer::from_arc(cri).max_decoding_message_size(MAX_REQUEST);

@@ -105,7 +105,8 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_id() -> String {
+/// A fresh 64-hex-digit ID.
+pub fn new_id() -> String {
     let mut b = [0u8; 32];
     // SAFETY: b is valid for 32 bytes.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -351,6 +352,14 @@ impl Sandboxes {
             }
             self.publish(EventKind::Stopped, r);
         }
+    }
+
+    /// A connection to a Ready sandbox's agent.
+    pub async fn agent(
+        &self,
+        rec: &SandboxRecord,
+    ) -> Result<vmcri_agent_client::Agent, SandboxError> {
+        Ok(self.backends.agent(rec).await?)
     }
 
     /// All sandboxes, readiness re-checked.

@@ -7,6 +7,8 @@
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
+pub mod registry;
+
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -136,7 +138,8 @@ pub fn write_initramfs(init: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A scratch directory removed on drop.
+/// A scratch directory removed on drop, unless `VMCRI_KEEP_SCRATCH` is
+/// set (to read daemon, agent and VMM logs after a failure).
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
@@ -151,6 +154,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::env::var_os("VMCRI_KEEP_SCRATCH").is_some() {
+            eprintln!("keeping scratch directory {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -201,8 +201,9 @@ impl Agent {
 
     async fn connect_once(addr: AgentAddr, call_timeout: Duration) -> Result<Agent, ClientError> {
         let endpoint = Endpoint::from_static("http://vmcri-agent")
-            .connect_timeout(call_timeout)
-            .timeout(call_timeout);
+            // No endpoint-wide timeout: waits and output streams last as
+            // long as the process; unary calls get `deadline` instead.
+            .connect_timeout(call_timeout);
         let target = addr.clone();
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -299,6 +300,112 @@ impl Agent {
                 call: "StreamProbe",
                 after: within,
             })?
+    }
+
+    /// Creates a container from an OCI spec; returns its init PID.
+    pub async fn create_container(
+        &self,
+        req: pb::CreateContainerRequest,
+    ) -> Result<u32, ClientError> {
+        let mut c = self.client.clone();
+        let r = deadline(
+            "CreateContainer",
+            self.call_timeout,
+            c.create_container(req),
+        )
+        .await?;
+        Ok(r.pid)
+    }
+
+    /// Starts a created container.
+    pub async fn start_container(&self, id: &str) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::StartContainerRequest {
+            container_id: id.to_string(),
+        };
+        deadline("StartContainer", self.call_timeout, c.start_container(req)).await?;
+        Ok(())
+    }
+
+    /// Stops (SIGTERM, SIGKILL after `grace`) and deletes a container.
+    pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::RemoveContainerRequest {
+            container_id: id.to_string(),
+            timeout_secs: u32::try_from(grace.as_secs()).unwrap_or(u32::MAX),
+        };
+        deadline(
+            "RemoveContainer",
+            self.call_timeout + grace,
+            c.remove_container(req),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a process in a running container; returns its PID.
+    pub async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<u32, ClientError> {
+        let mut c = self.client.clone();
+        let r = deadline("ExecProcess", self.call_timeout, c.exec_process(req)).await?;
+        Ok(r.pid)
+    }
+
+    /// Sends a signal to a process.
+    pub async fn signal(&self, process: pb::ProcessRef, signal: u32) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::SignalProcessRequest {
+            process: Some(process),
+            signal,
+        };
+        deadline("SignalProcess", self.call_timeout, c.signal_process(req)).await?;
+        Ok(())
+    }
+
+    /// Waits for a process to end, however long that takes.
+    pub async fn wait(
+        &self,
+        process: pb::ProcessRef,
+    ) -> Result<pb::WaitProcessResponse, ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::WaitProcessRequest {
+            process: Some(process),
+        };
+        c.wait_process(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| ClientError::Rpc {
+                call: "WaitProcess",
+                status,
+            })
+    }
+
+    /// The process's output from `from_offset` on (what the caller has
+    /// saved so far); ends when the process's stdout and stderr are closed.
+    pub async fn read_output(
+        &self,
+        process: pb::ProcessRef,
+        from_offset: u64,
+    ) -> Result<tonic::Streaming<pb::OutputChunk>, ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::ReadOutputRequest {
+            process: Some(process),
+            from_offset,
+        };
+        deadline("ReadOutput", self.call_timeout, c.read_output(req)).await
+    }
+
+    /// Cgroup statistics of the given containers (all when empty).
+    pub async fn container_stats(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, pb::CgroupStats>, ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::ContainerStatsRequest { container_ids: ids };
+        Ok(
+            deadline("ContainerStats", self.call_timeout, c.container_stats(req))
+                .await?
+                .stats,
+        )
     }
 
     /// Asks the guest to sync and reboot, which ends the VM.

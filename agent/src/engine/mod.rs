@@ -1,0 +1,470 @@
+//! The container engine: OCI bundles run with youki's `libcontainer`, each
+//! on an overlay of its image layers, with stdio on pipes the agent pumps
+//! and exits delivered by the agent's reaper.
+//!
+//! Layout under the agent's state directory:
+//! `containers/<id>/{config.json, rootfs/, scratch/{upper,work}}` and
+//! `libcontainer/<id>/` (libcontainer's own state).
+
+pub mod cgroup;
+pub mod process;
+pub mod reaper;
+pub mod rootfs;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container as LcContainer;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use oci_spec::runtime::{RootBuilder, Spec};
+use process::{Exit, Proc};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Most exec processes a container keeps before new ones are refused.
+const MAX_EXECS: usize = 256;
+
+/// Errors of engine operations; each maps to one gRPC status.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// Bad request (InvalidArgument).
+    #[error("{0}")]
+    Invalid(String),
+    /// Unknown container or process (NotFound).
+    #[error("{0}")]
+    NotFound(String),
+    /// The ID is taken (AlreadyExists).
+    #[error("{0}")]
+    Exists(String),
+    /// Wrong state for the operation (FailedPrecondition).
+    #[error("{0}")]
+    State(String),
+    /// The engine or the kernel failed (Internal).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a container is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Created, its init waiting for start.
+    Created,
+    /// Started.
+    Running,
+    /// Its init has ended.
+    Exited,
+}
+
+/// How a process ended, with the OOM verdict for a container's init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The exit.
+    pub exit: Exit,
+    /// The OOM killer ended it.
+    pub oom_killed: bool,
+    /// When it started, nanoseconds since the epoch (0: never started).
+    pub started_at_ns: i64,
+}
+
+struct Container {
+    dir: PathBuf,
+    cgroup: String,
+    /// The spec's working directory: execs start there too, as in runc.
+    cwd: PathBuf,
+    lc: Mutex<LcContainer>,
+    init: Arc<Proc>,
+    started_at_ns: Mutex<i64>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+/// All containers of this sandbox.
+pub struct Engine {
+    containers_dir: PathBuf,
+    lc_root: PathBuf,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn failed(what: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::Failed(format!("{what}: {e}"))
+}
+
+/// Container IDs become directory names: keep them to what libcontainer
+/// and the host runtime generate.
+fn check_id(kind: &str, id: &str) -> Result<(), EngineError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "invalid {kind} ID {id:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+impl Engine {
+    /// An engine keeping its state under `state_dir`.
+    pub fn new(state_dir: &Path) -> std::io::Result<Engine> {
+        let containers_dir = state_dir.join("containers");
+        let lc_root = state_dir.join("libcontainer");
+        std::fs::create_dir_all(&containers_dir)?;
+        std::fs::create_dir_all(&lc_root)?;
+        Ok(Engine {
+            containers_dir,
+            lc_root,
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>, EngineError> {
+        lock(&self.containers).get(id).cloned().ok_or_else(|| {
+            EngineError::NotFound(format!("container {id} not found in the sandbox"))
+        })
+    }
+
+    /// Creates container `id` from an OCI spec, its root an overlay of
+    /// `layers` (lowest first). Its init waits for [`Engine::start`].
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        layers: &[PathBuf],
+        stdin: bool,
+    ) -> Result<u32, EngineError> {
+        check_id("container", id)?;
+        if lock(&self.containers).contains_key(id) {
+            return Err(EngineError::Exists(format!(
+                "container {id} already exists"
+            )));
+        }
+        let mut spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| EngineError::Invalid(format!("invalid OCI spec: {e}")))?;
+        if spec
+            .process()
+            .as_ref()
+            .is_none_or(|p| p.args().as_ref().is_none_or(Vec::is_empty))
+        {
+            return Err(EngineError::Invalid(
+                "the OCI spec has no process args".into(),
+            ));
+        }
+        if spec
+            .process()
+            .as_ref()
+            .is_some_and(|p| p.terminal().unwrap_or(false))
+        {
+            return Err(EngineError::Invalid(
+                "containers with a TTY are not supported yet (the streaming issue brings them)"
+                    .into(),
+            ));
+        }
+        let readonly = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
+        let root = RootBuilder::default()
+            .path("rootfs")
+            .readonly(readonly)
+            .build()
+            .map_err(|e| EngineError::Invalid(format!("OCI root: {e}")))?;
+        spec.set_root(Some(root));
+        let cgroup = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+
+        let cwd = spec
+            .process()
+            .as_ref()
+            .map(|p| p.cwd().clone())
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let dir = self.containers_dir.join(id);
+        if dir.exists() {
+            // Leftovers of a failed create: nothing in them is in use.
+            let _ = rootfs::unmount(&dir.join("rootfs"));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(failed("container directory"))?;
+        let made = self.assemble(id, &dir, &spec, layers, stdin);
+        match made {
+            Ok((lc, init)) => {
+                let pid = init.pid as u32;
+                let c = Arc::new(Container {
+                    dir,
+                    cgroup,
+                    cwd,
+                    lc: Mutex::new(lc),
+                    init: Arc::new(init),
+                    started_at_ns: Mutex::new(0),
+                    execs: Mutex::new(HashMap::new()),
+                });
+                lock(&self.containers).insert(id.to_string(), c);
+                tracing::info!(container_id = id, pid, "container created");
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = rootfs::unmount(&dir.join("rootfs"));
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(self.lc_root.join(id));
+                Err(e)
+            }
+        }
+    }
+
+    fn assemble(
+        &self,
+        id: &str,
+        dir: &Path,
+        spec: &Spec,
+        layers: &[PathBuf],
+        stdin: bool,
+    ) -> Result<(LcContainer, Proc), EngineError> {
+        let json = serde_json::to_vec_pretty(spec)
+            .map_err(|e| EngineError::Invalid(format!("OCI spec: {e}")))?;
+        std::fs::write(dir.join("config.json"), json).map_err(failed("writing config.json"))?;
+        rootfs::mount(layers, &dir.join("scratch"), &dir.join("rootfs")).map_err(|e| {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::NotFound
+            ) {
+                EngineError::Invalid(format!("rootfs: {e}"))
+            } else {
+                EngineError::Failed(format!("rootfs: {e}"))
+            }
+        })?;
+        let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
+        let lc = ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_executor(DefaultExecutor {})
+            .with_root_path(&self.lc_root)
+            .map_err(|e| EngineError::Failed(format!("libcontainer root: {e}")))?
+            .with_stdin(child.stdin)
+            .with_stdout(child.stdout)
+            .with_stderr(child.stderr)
+            .as_init(dir)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| EngineError::Failed(format!("creating container: {e}")))?;
+        let pid = lc
+            .pid()
+            .ok_or_else(|| EngineError::Failed("libcontainer reported no init PID".into()))?;
+        let init = Proc::track(pid.as_raw(), host).map_err(failed("tracking init"))?;
+        Ok((lc, init))
+    }
+
+    /// Starts a created container's process.
+    pub fn start(&self, id: &str) -> Result<(), EngineError> {
+        let c = self.get(id)?;
+        if c.init.exited().is_some() {
+            return Err(EngineError::State(format!("container {id} has exited")));
+        }
+        let mut started = lock(&c.started_at_ns);
+        if *started != 0 {
+            return Err(EngineError::State(format!(
+                "container {id} is already started"
+            )));
+        }
+        lock(&c.lc)
+            .start()
+            .map_err(|e| EngineError::Failed(format!("starting container {id}: {e}")))?;
+        *started = process::now_ns();
+        tracing::info!(container_id = id, "container started");
+        Ok(())
+    }
+
+    /// The phase of container `id`.
+    pub fn phase(&self, id: &str) -> Result<Phase, EngineError> {
+        let c = self.get(id)?;
+        Ok(if c.init.exited().is_some() {
+            Phase::Exited
+        } else if *lock(&c.started_at_ns) == 0 {
+            Phase::Created
+        } else {
+            Phase::Running
+        })
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Proc>), EngineError> {
+        let c = self.get(id)?;
+        let p = if exec_id.is_empty() {
+            c.init.clone()
+        } else {
+            lock(&c.execs).get(exec_id).cloned().ok_or_else(|| {
+                EngineError::NotFound(format!("exec {exec_id} not found in container {id}"))
+            })?
+        };
+        Ok((c, p))
+    }
+
+    /// The process `exec_id` of container `id` ("" is its init).
+    pub fn proc(&self, id: &str, exec_id: &str) -> Result<Arc<Proc>, EngineError> {
+        Ok(self.process(id, exec_id)?.1)
+    }
+
+    /// Waits for a process to end. An exec is forgotten once waited for.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Ended, EngineError> {
+        let (c, p) = self.process(id, exec_id)?;
+        let exit = p.wait().await;
+        let started_at_ns = if exec_id.is_empty() {
+            *lock(&c.started_at_ns)
+        } else {
+            lock(&c.execs).remove(exec_id);
+            0
+        };
+        // SIGKILL plus an OOM kill recorded in the container's cgroup.
+        let oom_killed = exec_id.is_empty()
+            && exit.signal == libc::SIGKILL as u32
+            && cgroup::stats(&c.cgroup).is_some_and(|s| s.oom_kills > 0);
+        Ok(Ended {
+            exit,
+            oom_killed,
+            started_at_ns,
+        })
+    }
+
+    /// Signals a process.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), EngineError> {
+        let sig = i32::try_from(signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| EngineError::Invalid(format!("invalid signal {signal}")))?;
+        let p = self.proc(id, exec_id)?;
+        p.signal(sig).map_err(failed("signal"))
+    }
+
+    /// Runs `args` in running container `id` as exec `exec_id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: Vec<String>,
+        env: HashMap<String, String>,
+        cwd: Option<PathBuf>,
+        stdin: bool,
+    ) -> Result<u32, EngineError> {
+        check_id("exec", exec_id)?;
+        if args.is_empty() {
+            return Err(EngineError::Invalid("exec: no command given".into()));
+        }
+        if cwd.as_ref().is_some_and(|c| !c.is_absolute()) {
+            return Err(EngineError::Invalid("exec: cwd must be absolute".into()));
+        }
+        let c = self.get(id)?;
+        if self.phase(id)? != Phase::Running {
+            return Err(EngineError::State(format!("container {id} is not running")));
+        }
+        {
+            let execs = lock(&c.execs);
+            if execs.contains_key(exec_id) {
+                return Err(EngineError::Exists(format!(
+                    "exec {exec_id} already exists"
+                )));
+            }
+            if execs.len() >= MAX_EXECS {
+                return Err(EngineError::State(format!(
+                    "container {id} has {MAX_EXECS} unwaited execs"
+                )));
+            }
+        }
+        let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
+        let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_executor(DefaultExecutor {})
+            .with_root_path(&self.lc_root)
+            .map_err(|e| EngineError::Failed(format!("libcontainer root: {e}")))?
+            .with_stdin(child.stdin)
+            .with_stdout(child.stdout)
+            .with_stderr(child.stderr)
+            .as_tenant()
+            .with_container_args(args)
+            .with_env(env)
+            .with_cwd(Some(cwd.unwrap_or_else(|| c.cwd.clone())))
+            .with_detach(true)
+            .build()
+            .map_err(|e| {
+                let msg = format!("exec in container {id}: {e}");
+                // libcontainer checks the executable before it execs: a
+                // missing one is the request's fault.
+                if msg.contains("not found") {
+                    EngineError::Invalid(msg)
+                } else {
+                    EngineError::Failed(msg)
+                }
+            })?;
+        let p = Proc::track(pid.as_raw(), host).map_err(failed("tracking exec"))?;
+        lock(&c.execs).insert(exec_id.to_string(), Arc::new(p));
+        Ok(pid.as_raw() as u32)
+    }
+
+    /// Stops (SIGTERM, then SIGKILL after `timeout`) and deletes container
+    /// `id`, its execs, cgroup, rootfs and state. Unknown IDs succeed.
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
+        let Ok(c) = self.get(id) else {
+            return Ok(());
+        };
+        if c.init.exited().is_none() {
+            if !timeout.is_zero() && *lock(&c.started_at_ns) != 0 {
+                c.init.signal(libc::SIGTERM).map_err(failed("SIGTERM"))?;
+                let _ = tokio::time::timeout(timeout, c.init.wait()).await;
+            }
+            c.init.signal(libc::SIGKILL).map_err(failed("SIGKILL"))?;
+            c.init.wait().await;
+        }
+        let execs: Vec<Arc<Proc>> = lock(&c.execs).drain().map(|(_, p)| p).collect();
+        for p in execs {
+            let _ = p.signal(libc::SIGKILL);
+            p.wait().await;
+        }
+        {
+            let mut lc = lock(&c.lc);
+            let _ = lc.refresh_status();
+            // Force: a shared-PID-namespace container may leave children.
+            if let Err(e) = lc.delete(true) {
+                tracing::warn!(container_id = id, error = %e, "libcontainer delete");
+                let _ = std::fs::remove_dir_all(self.lc_root.join(id));
+            }
+        }
+        rootfs::unmount(&c.dir.join("rootfs")).map_err(failed("unmounting rootfs"))?;
+        std::fs::remove_dir_all(&c.dir).map_err(failed("removing container directory"))?;
+        lock(&self.containers).remove(id);
+        tracing::info!(container_id = id, "container removed");
+        Ok(())
+    }
+
+    /// Statistics of container `id`'s cgroup.
+    pub fn stats(&self, id: &str) -> Result<Option<cgroup::Stats>, EngineError> {
+        Ok(cgroup::stats(&self.get(id)?.cgroup))
+    }
+
+    /// IDs of all containers.
+    pub fn ids(&self) -> Vec<String> {
+        lock(&self.containers).keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_the_state_directory_are_refused() {
+        for bad in ["", "..", ".x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_id("container", bad).is_err(), "{bad:?}");
+        }
+        for good in ["abc", "0123456789abcdef", "a-b_c.d"] {
+            assert!(check_id("container", good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,934 @@
+//! OCI runtime specs from CRI container configs: what the image says
+//! (entrypoint, cmd, env, working dir, user) merged with what kubelet asks
+//! for (command, args, env, mounts, security context, resources), in the
+//! shape containerd gives runc, validated by `oci-spec` before the agent
+//! ever sees it.
+
+use k8s_cri::v1 as cri;
+use oci_spec::image::ImageConfiguration;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Capabilities a container gets unless it asks otherwise (containerd's
+/// and Docker's default set).
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability, for privileged containers and "ALL".
+const ALL_CAPABILITIES: &[&str] = &[
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_READ",
+    "CAP_AUDIT_WRITE",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MAC_ADMIN",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_PERFMON",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYSLOG",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_WAKE_ALARM",
+];
+
+const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_ID_FILE: u64 = 1 << 20;
+
+/// Why a container config cannot become a spec (InvalidArgument, or
+/// Unimplemented for what we do not support).
+#[derive(Debug, Error)]
+pub enum SpecError {
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something vmcri does not support.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What the sandbox contributes to each of its containers' specs.
+#[derive(Debug, Clone)]
+pub struct PodContext {
+    /// Sandbox ID.
+    pub sandbox_id: String,
+    /// Files the pod shares into containers: /etc/hosts, /etc/resolv.conf,
+    /// /etc/hostname (host paths), if the pod has them.
+    pub etc_files: Vec<(String, PathBuf)>,
+}
+
+/// The user a container runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// UID.
+    pub uid: u32,
+    /// GID.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+}
+
+/// The spec and what the runtime records from it.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// config.json.
+    pub json: Vec<u8>,
+    /// The user it runs as.
+    pub user: User,
+    /// Its cgroup path.
+    pub cgroup: String,
+}
+
+fn invalid(msg: impl Into<String>) -> SpecError {
+    SpecError::Invalid(msg.into())
+}
+
+/// Reads `rel` (like `etc/passwd`) from the topmost layer that has it, as
+/// the container would see it. Only regular files under real directories
+/// count: an image's symlink must not make us read a host file.
+pub fn read_from_layers(layers: &[PathBuf], rel: &str) -> Option<String> {
+    for layer in layers.iter().rev() {
+        let mut p = layer.clone();
+        let mut ok = true;
+        let parts: Vec<&str> = rel.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            p.push(part);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if i + 1 < parts.len() && m.is_dir() => {}
+                Ok(m) if i + 1 == parts.len() && m.is_file() => {}
+                // A whiteout (0:0 char device) hides lower layers' copies.
+                Ok(_) => return None,
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            let mut s = String::new();
+            std::fs::File::open(&p)
+                .ok()?
+                .take(MAX_ID_FILE)
+                .read_to_string(&mut s)
+                .ok()?;
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// `name:x:uid:gid:...` lines: (name, uid, gid).
+fn passwd_entries(text: &str) -> impl Iterator<Item = (&str, u32, u32)> {
+    text.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        Some((
+            *f.first()?,
+            f.get(2)?.parse().ok()?,
+            f.get(3)?.parse().ok()?,
+        ))
+    })
+}
+
+/// `name:x:gid:user,user` lines: (name, gid, members).
+fn group_entries(text: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
+    text.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        let members = f
+            .get(3)
+            .map(|m| m.split(',').filter(|s| !s.is_empty()).collect());
+        Some((
+            *f.first()?,
+            f.get(2)?.parse().ok()?,
+            members.unwrap_or_default(),
+        ))
+    })
+}
+
+/// Resolves the user: the CRI's run_as_user / run_as_username /
+/// run_as_group win over the image's `User`; names come from the image's
+/// /etc/passwd and /etc/group.
+pub fn resolve_user(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+    image_user: &str,
+    layers: &[PathBuf],
+) -> Result<User, SpecError> {
+    let passwd = read_from_layers(layers, "etc/passwd").unwrap_or_default();
+    let group = read_from_layers(layers, "etc/group").unwrap_or_default();
+    let (img_user, img_group) = match image_user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (image_user, None),
+    };
+    let sc_user = sc.and_then(|s| s.run_as_user.as_ref()).map(|v| v.value);
+    let sc_name = sc.map(|s| s.run_as_username.as_str()).unwrap_or("");
+    let want: String = match (sc_user, sc_name) {
+        (Some(uid), _) => uid.to_string(),
+        (None, n) if !n.is_empty() => n.to_string(),
+        _ => img_user.to_string(),
+    };
+    let (uid, mut gid, name) = if want.is_empty() {
+        (0, 0, Some("root".to_string()))
+    } else if let Ok(uid) = want.parse::<i64>() {
+        let uid = u32::try_from(uid).map_err(|_| invalid(format!("invalid uid {uid}")))?;
+        let entry = passwd_entries(&passwd).find(|(_, u, _)| *u == uid);
+        (
+            uid,
+            entry.map_or(0, |e| e.2),
+            entry.map(|e| e.0.to_string()),
+        )
+    } else {
+        let (n, u, g) = passwd_entries(&passwd)
+            .find(|(n, _, _)| *n == want)
+            .ok_or_else(|| invalid(format!("user {want:?} is not in the image's /etc/passwd")))?;
+        (u, g, Some(n.to_string()))
+    };
+    // The image's group applies only when the image's user is used.
+    if sc_user.is_none() && sc_name.is_empty() {
+        if let Some(g) = img_group.filter(|g| !g.is_empty()) {
+            gid = match g.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => group_entries(&group)
+                    .find(|(n, _, _)| n == &g)
+                    .map(|e| e.1)
+                    .ok_or_else(|| {
+                        invalid(format!("group {g:?} is not in the image's /etc/group"))
+                    })?,
+            };
+        }
+    }
+    if let Some(g) = sc.and_then(|s| s.run_as_group.as_ref()) {
+        gid = u32::try_from(g.value).map_err(|_| invalid(format!("invalid gid {}", g.value)))?;
+    }
+    let mut additional: Vec<u32> = Vec::new();
+    if let Some(name) = &name {
+        for (_, g, members) in group_entries(&group) {
+            if members.contains(&name.as_str()) && g != gid && !additional.contains(&g) {
+                additional.push(g);
+            }
+        }
+    }
+    for g in sc
+        .map(|s| s.supplemental_groups.as_slice())
+        .unwrap_or_default()
+    {
+        let g =
+            u32::try_from(*g).map_err(|_| invalid(format!("invalid supplemental group {g}")))?;
+        if !additional.contains(&g) {
+            additional.push(g);
+        }
+    }
+    Ok(User {
+        uid,
+        gid,
+        additional_gids: additional,
+    })
+}
+
+fn capability_name(c: &str) -> String {
+    let up = c.to_ascii_uppercase();
+    if up.starts_with("CAP_") {
+        up
+    } else {
+        format!("CAP_{up}")
+    }
+}
+
+fn capabilities(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Vec<String>, SpecError> {
+    if sc.is_some_and(|s| s.privileged) {
+        return Ok(ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect());
+    }
+    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    if let Some(c) = sc.and_then(|s| s.capabilities.as_ref()) {
+        let known = |n: &str| ALL_CAPABILITIES.contains(&n);
+        for add in &c.add_capabilities {
+            if add.eq_ignore_ascii_case("ALL") {
+                caps = ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+                continue;
+            }
+            let n = capability_name(add);
+            if !known(&n) {
+                return Err(invalid(format!("unknown capability {add:?}")));
+            }
+            if !caps.contains(&n) {
+                caps.push(n);
+            }
+        }
+        for drop in &c.drop_capabilities {
+            if drop.eq_ignore_ascii_case("ALL") {
+                caps.clear();
+                continue;
+            }
+            let n = capability_name(drop);
+            if !known(&n) {
+                return Err(invalid(format!("unknown capability {drop:?}")));
+            }
+            caps.retain(|c| *c != n);
+        }
+        // Adds listed after an ALL drop still apply, as in containerd.
+        if c.drop_capabilities
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case("ALL"))
+        {
+            for add in &c.add_capabilities {
+                let n = capability_name(add);
+                if known(&n) && !caps.contains(&n) {
+                    caps.push(n);
+                }
+            }
+        }
+    }
+    Ok(caps)
+}
+
+/// The process args per the CRI: `command` replaces the image's
+/// entrypoint (and then its cmd too); `args` replaces its cmd.
+fn process_args(config: &cri::ContainerConfig, image: &ImageConfiguration) -> Vec<String> {
+    let ic = image.config().as_ref();
+    let entrypoint = ic.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
+    let cmd = ic.and_then(|c| c.cmd().clone()).unwrap_or_default();
+    let mut args = if config.command.is_empty() {
+        entrypoint
+    } else {
+        config.command.clone()
+    };
+    if !config.args.is_empty() {
+        args.extend(config.args.iter().cloned());
+    } else if config.command.is_empty() {
+        args.extend(cmd);
+    }
+    args
+}
+
+fn environment(
+    config: &cri::ContainerConfig,
+    image: &ImageConfiguration,
+) -> Result<Vec<String>, SpecError> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.to_string();
+        } else {
+            env.push((k.to_string(), v.to_string()));
+        }
+    };
+    let image_env = image
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default();
+    if !image_env.iter().any(|e| e.starts_with("PATH=")) {
+        set("PATH", &DEFAULT_PATH[5..]);
+    }
+    for e in &image_env {
+        let (k, v) = e.split_once('=').unwrap_or((e, ""));
+        set(k, v);
+    }
+    for kv in &config.envs {
+        if kv.key.is_empty() || kv.key.contains('=') || kv.key.contains('\0') {
+            return Err(invalid(format!(
+                "invalid environment variable name {:?}",
+                kv.key
+            )));
+        }
+        set(&kv.key, &kv.value);
+    }
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+fn namespaces(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Vec<Value>, SpecError> {
+    let opts = sc
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    // Network and UTS are always the pod's (the agent's); mount and
+    // cgroup are always the container's own.
+    let mut ns = vec![json!({"type": "mount"}), json!({"type": "cgroup"})];
+    for (kind, mode) in [("pid", opts.pid), ("ipc", opts.ipc)] {
+        match cri::NamespaceMode::try_from(mode) {
+            Ok(cri::NamespaceMode::Pod) => {}
+            Ok(cri::NamespaceMode::Container) => ns.push(json!({"type": kind})),
+            Ok(cri::NamespaceMode::Node) => {
+                return Err(SpecError::Unsupported(format!(
+                    "the node's {kind} namespace is not available to vmcri pods: they run in their own VM"
+                )))
+            }
+            Ok(cri::NamespaceMode::Target) => {
+                return Err(SpecError::Unsupported(format!(
+                    "targeting another container's {kind} namespace is not supported yet"
+                )))
+            }
+            Err(_) => return Err(invalid(format!("invalid {kind} namespace mode {mode}"))),
+        }
+    }
+    if let Ok(cri::NamespaceMode::Node) = cri::NamespaceMode::try_from(opts.network) {
+        return Err(SpecError::Unsupported(
+            "host networking is not available to vmcri pods: they run in their own VM".into(),
+        ));
+    }
+    if opts
+        .userns_options
+        .as_ref()
+        .is_some_and(|u| u.mode == cri::NamespaceMode::Pod as i32)
+    {
+        return Err(SpecError::Unsupported(
+            "user namespaces are not supported yet".into(),
+        ));
+    }
+    Ok(ns)
+}
+
+fn mounts(
+    config: &cri::ContainerConfig,
+    pod: &PodContext,
+    readonly_rootfs: bool,
+) -> Result<Vec<Value>, SpecError> {
+    let mut out = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+    ];
+    let user_paths: Vec<&str> = config
+        .mounts
+        .iter()
+        .map(|m| m.container_path.as_str())
+        .collect();
+    for (dest, src) in &pod.etc_files {
+        if user_paths.contains(&dest.as_str()) || !src.exists() {
+            continue;
+        }
+        let mut options = vec!["rbind", "rprivate"];
+        if readonly_rootfs {
+            options.push("ro");
+        }
+        out.push(json!({"destination": dest, "type": "bind", "source": src, "options": options}));
+    }
+    for m in &config.mounts {
+        if !Path::new(&m.container_path).is_absolute() {
+            return Err(invalid(format!(
+                "mount container_path {:?} must be absolute",
+                m.container_path
+            )));
+        }
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(SpecError::Unsupported(
+                "image volumes are not supported yet".into(),
+            ));
+        }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return Err(SpecError::Unsupported(
+                "ID-mapped mounts are not supported yet".into(),
+            ));
+        }
+        let host = Path::new(&m.host_path);
+        if !host.is_absolute() {
+            return Err(invalid(format!(
+                "mount host_path {:?} must be absolute",
+                m.host_path
+            )));
+        }
+        if !host.exists() {
+            return Err(invalid(format!(
+                "mount host_path {} does not exist",
+                m.host_path
+            )));
+        }
+        let propagation = match cri::MountPropagation::try_from(m.propagation) {
+            Ok(cri::MountPropagation::PropagationPrivate) => "rprivate",
+            Ok(cri::MountPropagation::PropagationHostToContainer) => "rslave",
+            Ok(cri::MountPropagation::PropagationBidirectional) => "rshared",
+            Err(_) => {
+                return Err(invalid(format!(
+                    "invalid mount propagation {}",
+                    m.propagation
+                )))
+            }
+        };
+        let mut options = vec!["rbind", propagation];
+        if m.readonly {
+            options.push("ro");
+        }
+        if m.recursive_read_only {
+            return Err(SpecError::Unsupported(
+                "recursive read-only mounts are not supported yet".into(),
+            ));
+        }
+        out.push(json!({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": options}));
+    }
+    Ok(out)
+}
+
+fn resources(r: Option<&cri::LinuxContainerResources>) -> Result<Value, SpecError> {
+    let Some(r) = r else {
+        return Ok(json!({}));
+    };
+    let mut cpu = serde_json::Map::new();
+    if r.cpu_shares > 0 {
+        cpu.insert("shares".into(), json!(r.cpu_shares));
+    }
+    if r.cpu_quota > 0 {
+        cpu.insert("quota".into(), json!(r.cpu_quota));
+    }
+    if r.cpu_period > 0 {
+        cpu.insert("period".into(), json!(r.cpu_period));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), json!(r.cpuset_mems));
+    }
+    let mut memory = serde_json::Map::new();
+    if r.memory_limit_in_bytes < 0 || r.cpu_quota < -1 {
+        return Err(invalid("negative resource limit"));
+    }
+    if r.memory_limit_in_bytes > 0 {
+        memory.insert("limit".into(), json!(r.memory_limit_in_bytes));
+        if r.memory_swap_limit_in_bytes > 0 {
+            memory.insert("swap".into(), json!(r.memory_swap_limit_in_bytes));
+        }
+    }
+    if !r.hugepage_limits.is_empty() {
+        return Err(SpecError::Unsupported(
+            "hugepage limits are not supported yet".into(),
+        ));
+    }
+    let mut out = json!({"cpu": cpu, "memory": memory});
+    if !r.unified.is_empty() {
+        out["unified"] = json!(r.unified.iter().collect::<BTreeMap<_, _>>());
+    }
+    Ok(out)
+}
+
+/// Builds the OCI spec of container `container_id` in `pod` from its CRI
+/// config, its image's config and its image layers (lowest first).
+pub fn build(
+    container_id: &str,
+    config: &cri::ContainerConfig,
+    image: &ImageConfiguration,
+    layers: &[PathBuf],
+    pod: &PodContext,
+) -> Result<Built, SpecError> {
+    if config.tty {
+        return Err(SpecError::Unsupported(
+            "containers with a TTY are not supported yet (the streaming issue brings them)".into(),
+        ));
+    }
+    let sc = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref());
+    if let Some(p) = sc.and_then(|s| s.seccomp.as_ref()) {
+        if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 {
+            return Err(SpecError::Unsupported(
+                "Localhost seccomp profiles are not supported yet".into(),
+            ));
+        }
+    }
+    let args = process_args(config, image);
+    if args.is_empty() {
+        return Err(invalid(
+            "no command: the config has no command and the image no entrypoint or cmd",
+        ));
+    }
+    let cwd = if !config.working_dir.is_empty() {
+        config.working_dir.clone()
+    } else {
+        image
+            .config()
+            .as_ref()
+            .and_then(|c| c.working_dir().clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    };
+    if !cwd.starts_with('/') {
+        return Err(invalid(format!("working_dir {cwd:?} must be absolute")));
+    }
+    let image_user = image
+        .config()
+        .as_ref()
+        .and_then(|c| c.user().clone())
+        .unwrap_or_default();
+    let user = resolve_user(sc, &image_user, layers)?;
+    let caps = capabilities(sc)?;
+    let privileged = sc.is_some_and(|s| s.privileged);
+    let readonly_rootfs = sc.is_some_and(|s| s.readonly_rootfs);
+    let pick = |given: Option<&Vec<String>>, default: &[&str]| -> Vec<String> {
+        match given {
+            Some(g) if !g.is_empty() => g.clone(),
+            _ => default.iter().map(|s| s.to_string()).collect(),
+        }
+    };
+    let (masked, readonly) = if privileged {
+        (Vec::new(), Vec::new())
+    } else {
+        (
+            pick(sc.map(|s| &s.masked_paths), MASKED_PATHS),
+            pick(sc.map(|s| &s.readonly_paths), READONLY_PATHS),
+        )
+    };
+    let res = config.linux.as_ref().and_then(|l| l.resources.as_ref());
+    let cgroup = format!("/vmcri/{}/{}", &pod.sandbox_id, container_id);
+    let mut mounts = mounts(config, pod, readonly_rootfs)?;
+    if privileged {
+        // Privileged containers may write sysfs and cgroups.
+        for m in &mut mounts {
+            if let Some(opts) = m["options"].as_array_mut() {
+                opts.retain(|o| o != "ro");
+            }
+        }
+    }
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
+            "args": args,
+            "env": environment(config, image)?,
+            "cwd": cwd,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": sc.is_some_and(|s| s.no_new_privs),
+            "oomScoreAdj": res.map(|r| r.oom_score_adj).filter(|v| *v != 0),
+        },
+        "root": {"path": "rootfs", "readonly": readonly_rootfs},
+        "mounts": mounts,
+        "annotations": config.annotations.iter().collect::<BTreeMap<_, _>>(),
+        "linux": {
+            "namespaces": namespaces(sc)?,
+            "cgroupsPath": cgroup,
+            "resources": resources(res)?,
+            "maskedPaths": masked,
+            "readonlyPaths": readonly,
+        },
+    });
+    let mut spec = spec;
+    if spec["process"]["oomScoreAdj"].is_null() {
+        if let Some(p) = spec["process"].as_object_mut() {
+            p.remove("oomScoreAdj");
+        }
+    }
+    // Let oci-spec check the shape: a spec it cannot read never leaves us.
+    let typed: oci_spec::runtime::Spec = serde_json::from_value(spec).map_err(|e| {
+        invalid(format!(
+            "the container config gives an invalid OCI spec: {e}"
+        ))
+    })?;
+    let json =
+        serde_json::to_vec(&typed).map_err(|e| invalid(format!("encoding the OCI spec: {e}")))?;
+    Ok(Built { json, user, cgroup })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(json: &str) -> ImageConfiguration {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn pod() -> PodContext {
+        PodContext {
+            sandbox_id: "s1".into(),
+            etc_files: Vec::new(),
+        }
+    }
+
+    fn spec_of(
+        config: &cri::ContainerConfig,
+        img: &ImageConfiguration,
+        layers: &[PathBuf],
+    ) -> Value {
+        let b = build("c1", config, img, layers, &pod()).unwrap();
+        serde_json::from_slice(&b.json).unwrap()
+    }
+
+    const IMG: &str = r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
+        "config":{"Entrypoint":["/bin/ep"],"Cmd":["a","b"],"Env":["PATH=/img","KEEP=1"],"WorkingDir":"/w","User":"app"}}"#;
+
+    fn layer_with_passwd() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn command_replaces_entrypoint_and_cmd_args_replace_cmd() {
+        let img = image(IMG);
+        let l = layer_with_passwd();
+        let layers = vec![l.path().to_path_buf()];
+        let mut c = cri::ContainerConfig::default();
+        assert_eq!(
+            spec_of(&c, &img, &layers)["process"]["args"],
+            json!(["/bin/ep", "a", "b"])
+        );
+        c.args = vec!["x".into()];
+        assert_eq!(
+            spec_of(&c, &img, &layers)["process"]["args"],
+            json!(["/bin/ep", "x"])
+        );
+        c.command = vec!["/bin/sh".into()];
+        c.args = vec![];
+        assert_eq!(
+            spec_of(&c, &img, &layers)["process"]["args"],
+            json!(["/bin/sh"])
+        );
+    }
+
+    #[test]
+    fn env_overrides_image_env_and_user_comes_from_the_image_passwd() {
+        let img = image(IMG);
+        let l = layer_with_passwd();
+        let c = cri::ContainerConfig {
+            envs: vec![cri::KeyValue {
+                key: "PATH".into(),
+                value: "/mine".into(),
+            }],
+            ..Default::default()
+        };
+        let s = spec_of(&c, &img, &[l.path().to_path_buf()]);
+        assert_eq!(s["process"]["env"], json!(["PATH=/mine", "KEEP=1"]));
+        assert_eq!(s["process"]["cwd"], json!("/w"));
+        assert_eq!(s["process"]["user"]["uid"], json!(1000));
+        assert_eq!(s["process"]["user"]["gid"], json!(1000));
+        assert_eq!(s["process"]["user"]["additionalGids"], json!([10]));
+    }
+
+    #[test]
+    fn an_unknown_user_name_is_invalid() {
+        let img = image(IMG);
+        let empty = tempfile::tempdir().unwrap();
+        let e = build(
+            "c",
+            &cri::ContainerConfig::default(),
+            &img,
+            &[empty.path().to_path_buf()],
+            &pod(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SpecError::Invalid(_)), "{e}");
+    }
+
+    #[test]
+    fn a_symlinked_passwd_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("etc/passwd")).unwrap();
+        assert!(read_from_layers(&[dir.path().to_path_buf()], "etc/passwd").is_none());
+        let dir2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", dir2.path().join("etc")).unwrap();
+        assert!(read_from_layers(&[dir2.path().to_path_buf()], "etc/passwd").is_none());
+    }
+
+    #[test]
+    fn capabilities_add_drop_and_privileged() {
+        let mut sc = cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec!["NET_ADMIN".into()],
+                drop_capabilities: vec!["KILL".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let caps = capabilities(Some(&sc)).unwrap();
+        assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(!caps.contains(&"CAP_KILL".to_string()));
+        sc.capabilities = Some(cri::Capability {
+            drop_capabilities: vec!["ALL".into()],
+            add_capabilities: vec!["CHOWN".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            capabilities(Some(&sc)).unwrap(),
+            vec!["CAP_CHOWN".to_string()]
+        );
+        sc.capabilities = Some(cri::Capability {
+            add_capabilities: vec!["BOGUS".into()],
+            ..Default::default()
+        });
+        assert!(capabilities(Some(&sc)).is_err());
+        sc.capabilities = None;
+        sc.privileged = true;
+        assert_eq!(
+            capabilities(Some(&sc)).unwrap().len(),
+            ALL_CAPABILITIES.len()
+        );
+    }
+
+    #[test]
+    fn namespaces_follow_the_options_and_host_ones_are_refused() {
+        let mut sc = cri::LinuxContainerSecurityContext::default();
+        let types = |sc: &cri::LinuxContainerSecurityContext| -> Vec<String> {
+            namespaces(Some(sc))
+                .unwrap()
+                .iter()
+                .map(|n| n["type"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Kubernetes' default: PID per container, IPC per pod.
+        sc.namespace_options = Some(cri::NamespaceOption {
+            pid: 1,
+            ipc: 0,
+            ..Default::default()
+        });
+        assert_eq!(types(&sc), ["mount", "cgroup", "pid"]);
+        sc.namespace_options = Some(cri::NamespaceOption {
+            pid: 0,
+            ipc: 0,
+            ..Default::default()
+        });
+        assert_eq!(types(&sc), ["mount", "cgroup"]);
+        sc.namespace_options = Some(cri::NamespaceOption {
+            pid: 2,
+            ..Default::default()
+        });
+        assert!(matches!(
+            namespaces(Some(&sc)),
+            Err(SpecError::Unsupported(_))
+        ));
+        sc.namespace_options = Some(cri::NamespaceOption {
+            network: 2,
+            ..Default::default()
+        });
+        assert!(matches!(
+            namespaces(Some(&sc)),
+            Err(SpecError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn mounts_need_absolute_existing_paths_and_keep_readonly() {
+        let img = image(IMG);
+        let l = layer_with_passwd();
+        let layers = vec![l.path().to_path_buf()];
+        let mut c = cri::ContainerConfig {
+            mounts: vec![cri::Mount {
+                container_path: "/data".into(),
+                host_path: l.path().display().to_string(),
+                readonly: true,
+                propagation: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let s = spec_of(&c, &img, &layers);
+        let m = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/data")
+            .unwrap();
+        assert_eq!(m["options"], json!(["rbind", "rslave", "ro"]));
+        c.mounts[0].container_path = "data".into();
+        assert!(build("c", &c, &img, &layers, &pod()).is_err());
+        c.mounts[0].container_path = "/data".into();
+        c.mounts[0].host_path = "/no/such/dir".into();
+        assert!(build("c", &c, &img, &layers, &pod()).is_err());
+    }
+
+    #[test]
+    fn resources_become_cgroup_limits() {
+        let r = cri::LinuxContainerResources {
+            cpu_quota: 50000,
+            cpu_period: 100000,
+            cpu_shares: 512,
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        };
+        let v = resources(Some(&r)).unwrap();
+        assert_eq!(v["cpu"]["quota"], json!(50000));
+        assert_eq!(v["memory"]["limit"], json!(64 << 20));
+        let bad = cri::LinuxContainerResources {
+            memory_limit_in_bytes: -5,
+            ..Default::default()
+        };
+        assert!(resources(Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn no_command_anywhere_is_invalid() {
+        let img = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#,
+        );
+        let e = build("c", &cri::ContainerConfig::default(), &img, &[], &pod()).unwrap_err();
+        assert!(e.to_string().contains("no command"), "{e}");
+    }
+}

@@ -1,0 +1,617 @@
+//! Containers through `vmcri serve` in the `process` backend, with an
+//! image built from Debian's busybox-static and pulled from a registry on
+//! loopback: lifecycle, CRI logs and their rotation, ExecSync, mounts,
+//! users, stats, events, the error codes, and recovery after `kill -9`.
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+use vmcri_tests::registry::{busybox_layout, push, start_registry, Registry};
+use vmcri_tests::{artifacts, Daemon, Scratch};
+
+const IMAGE_CONFIG: &str = r#"{"Cmd":["sh","-c","echo from-image-cmd; exec sleep 3600"],"Env":["FROM_IMAGE=yes","PATH=/bin"],"WorkingDir":"/home/app"}"#;
+
+struct Setup {
+    _registry: Registry,
+    daemon: Daemon,
+    image: String,
+    dir: PathBuf,
+}
+
+fn setup(s: &Scratch) -> Setup {
+    let registry = start_registry(&s.0);
+    let layout = busybox_layout(&s.0, &[], IMAGE_CONFIG);
+    push(&layout, registry.port, "busybox");
+    let a = artifacts();
+    let daemon = Daemon::start(
+        &s.0,
+        &format!(
+            "default_handler = \"vmcri-process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
+            a.agent.display()
+        ),
+    );
+    Setup {
+        image: format!("127.0.0.1:{}/busybox:v1", registry.port),
+        _registry: registry,
+        daemon,
+        dir: s.0.clone(),
+    }
+}
+
+async fn clients(d: &Daemon) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
+    let ch = d.channel().await;
+    (
+        RuntimeServiceClient::new(ch.clone()),
+        ImageServiceClient::new(ch),
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn pod_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.display().to_string(),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, name: &str, logs: &Path) -> String {
+    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(pod_config(name, logs)),
+        runtime_handler: String::new(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+fn container(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        labels: [("app".to_string(), name.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    config: cri::ContainerConfig,
+    logs: &Path,
+) -> Result<String, tonic::Status> {
+    rt.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config("unused", logs)),
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
+async fn cstatus(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<cri::ContainerStatus, tonic::Status> {
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .map(|r| r.into_inner().status.expect("status"))
+}
+
+async fn exec(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn wait_state(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    state: cri::ContainerState,
+) -> cri::ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cstatus(rt, id).await.expect("ContainerStatus");
+        if s.state == state as i32 {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} never reached {state:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never contained {needle:?}:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks every line is `<RFC3339Nano> <stream> <P|F> <text>` and returns
+/// (stream, tag, text) triples.
+fn parse_cri_log(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let ts = it.next().unwrap();
+            assert!(
+                ts.len() == 30 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+                "timestamp {ts:?} in {l:?}"
+            );
+            let stream = it.next().unwrap().to_string();
+            assert!(stream == "stdout" || stream == "stderr", "{l:?}");
+            let tag = it.next().unwrap().to_string();
+            assert!(tag == "P" || tag == "F", "{l:?}");
+            (stream, tag, it.next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn container_lifecycle_logs_exec_mounts_and_errors() {
+    let s = Scratch::new("containers").unwrap();
+    let setup = setup(&s);
+    let logs = setup.dir.join("pod-logs");
+    let data = setup.dir.join("data");
+    let rw = setup.dir.join("rw");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(data.join("file"), "host data\n").unwrap();
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&setup.daemon).await;
+        let mut events = rt
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .expect("PullImage");
+        let pod = run_pod(&mut rt, "web", &logs).await;
+
+        // The main container: output on both streams, a partial line, and
+        // two host volumes, one read-only.
+        let mut main = container(
+            "main",
+            &setup.image,
+            &["sh", "-c", "echo out-line; echo err-line >&2; printf partial; echo $FROM_IMAGE $MINE; exec sleep 3600"],
+        );
+        main.envs = vec![cri::KeyValue { key: "MINE".into(), value: "mine".into() }];
+        main.mounts = vec![
+            cri::Mount { container_path: "/data".into(), host_path: data.display().to_string(), readonly: true, ..Default::default() },
+            cri::Mount { container_path: "/rw".into(), host_path: rw.display().to_string(), ..Default::default() },
+        ];
+        let id = create(&mut rt, &pod, main.clone(), &logs).await.expect("CreateContainer");
+        let st = cstatus(&mut rt, &id).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerCreated as i32);
+        assert!(st.image_ref.starts_with("sha256:"), "{st:?}");
+        assert_eq!(st.log_path, logs.join("main/0.log").display().to_string());
+        assert_eq!(st.mounts.len(), 2);
+
+        // Errors, each with its code, none leaving a container behind.
+        let code = |r: Result<String, tonic::Status>| r.expect_err("must fail").code();
+        assert_eq!(code(create(&mut rt, &pod, main.clone(), &logs).await), Code::AlreadyExists);
+        assert_eq!(code(create(&mut rt, "no-such-pod", container("x", &setup.image, &["true"]), &logs).await), Code::NotFound);
+        assert_eq!(code(create(&mut rt, &pod, container("x", "127.0.0.1:1/never-pulled:v1", &["true"]), &logs).await), Code::NotFound);
+        assert_eq!(code(create(&mut rt, &pod, container("x", "", &["true"]), &logs).await), Code::InvalidArgument);
+        let mut bad = container("x", &setup.image, &["true"]);
+        bad.log_path = "../escape.log".into();
+        assert_eq!(code(create(&mut rt, &pod, bad, &logs).await), Code::InvalidArgument);
+        let mut bad = container("x", &setup.image, &["true"]);
+        bad.mounts = vec![cri::Mount { container_path: "relative".into(), host_path: data.display().to_string(), ..Default::default() }];
+        assert_eq!(code(create(&mut rt, &pod, bad, &logs).await), Code::InvalidArgument);
+        let mut bad = container("x", &setup.image, &["true"]);
+        bad.tty = true;
+        assert_eq!(code(create(&mut rt, &pod, bad, &logs).await), Code::Unimplemented);
+        let mut bad = container("x", &setup.image, &["true"]);
+        bad.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext { run_as_username: "nobody-here".into(), ..Default::default() }),
+            ..Default::default()
+        });
+        assert_eq!(code(create(&mut rt, &pod, bad, &logs).await), Code::InvalidArgument);
+        assert_eq!(
+            exec(&mut rt, &id, &["true"], 5).await.expect_err("exec in a created container").code(),
+            Code::FailedPrecondition
+        );
+
+        rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+        let st = cstatus(&mut rt, &id).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+        assert!(st.started_at >= st.created_at && st.created_at > 0);
+        let again = rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await;
+        assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
+
+        // CRI log format: both streams, full and partial lines.
+        let log_path = logs.join("main/0.log");
+        let text = wait_for_log(&log_path, "yes mine").await;
+        let entries = parse_cri_log(&text);
+        assert!(entries.contains(&("stdout".into(), "F".into(), "out-line".into())), "{text}");
+        assert!(entries.contains(&("stderr".into(), "F".into(), "err-line".into())), "{text}");
+        // The partial line ends either as its own P entry or joined with
+        // the next write, depending on how the pipe was read.
+        let joined: String = entries.iter().filter(|e| e.0 == "stdout").map(|e| if e.1 == "P" { e.2.clone() } else { format!("{}\n", e.2) }).collect();
+        assert!(joined.contains("partialyes mine\n"), "{text}");
+
+        // ExecSync: output, exit codes, env from image and config, cwd,
+        // user, volumes.
+        let r = exec(&mut rt, &id, &["sh", "-c", "echo $FROM_IMAGE; pwd; id -u; echo oops >&2; exit 3"], 10).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "yes\n/home/app\n0\n");
+        assert_eq!(String::from_utf8_lossy(&r.stderr), "oops\n");
+        assert_eq!(r.exit_code, 3);
+        let r = exec(&mut rt, &id, &["cat", "/data/file"], 10).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "host data\n");
+        let r = exec(&mut rt, &id, &["touch", "/data/new"], 10).await.unwrap();
+        assert_ne!(r.exit_code, 0, "a read-only volume was writable");
+        assert!(!data.join("new").exists());
+        let r = exec(&mut rt, &id, &["sh", "-c", "echo from-container > /rw/f"], 10).await.unwrap();
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "from-container\n");
+        // Writes to the rootfs stay in the container's own layer.
+        let r = exec(&mut rt, &id, &["sh", "-c", "echo changed > /etc/passwd && cat /etc/passwd"], 10).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "changed\n");
+        let layers = setup.dir.join("root/content/layers");
+        for l in std::fs::read_dir(&layers).unwrap().flatten().filter(|l| l.path().is_dir()) {
+            let p = std::fs::read_to_string(l.path().join("etc/passwd")).unwrap();
+            assert!(p.starts_with("root:x:0:0"), "the shared layer was modified: {p}");
+        }
+        // A timeout kills the exec and says so.
+        let t0 = Instant::now();
+        let e = exec(&mut rt, &id, &["sleep", "30"], 1).await.expect_err("timeout");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(15));
+        assert_eq!(exec(&mut rt, &id, &[], 1).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(exec(&mut rt, "nope", &["true"], 1).await.unwrap_err().code(), Code::NotFound);
+        let missing = exec(&mut rt, &id, &["/no/such/binary"], 5).await.unwrap_err();
+        assert_eq!(missing.code(), Code::InvalidArgument, "{missing:?}");
+        assert!(missing.message().contains("/no/such/binary"), "{missing:?}");
+
+        // A container as a named user from the image's /etc/passwd.
+        let mut user = container("user", &setup.image, &["sh", "-c", "id -u; id -g; id -G; exec sleep 3600"]);
+        user.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_username: "app".into(),
+                supplemental_groups: vec![4242],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let uid = create(&mut rt, &pod, user, &logs).await.expect("create user container");
+        rt.start_container(cri::StartContainerRequest { container_id: uid.clone() }).await.unwrap();
+        let text = wait_for_log(&logs.join("user/0.log"), "4242").await;
+        let lines: Vec<String> = parse_cri_log(&text).into_iter().map(|e| e.2).collect();
+        assert_eq!(lines[..2], ["1000".to_string(), "1000".to_string()], "{text}");
+        assert!(lines[2].split(' ').any(|g| g == "10") && lines[2].contains("4242"), "{text}");
+        let st = cstatus(&mut rt, &uid).await.unwrap();
+        let u = st.user.unwrap().linux.unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 1000));
+
+        // A container that exits by itself.
+        let quick = create(&mut rt, &pod, container("quick", &setup.image, &["sh", "-c", "echo bye; exit 7"]), &logs).await.unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: quick.clone() }).await.unwrap();
+        let st = wait_state(&mut rt, &quick, cri::ContainerState::ContainerExited).await;
+        assert_eq!((st.exit_code, st.reason.as_str()), (7, "Error"), "{st:?}");
+        assert!(st.finished_at >= st.started_at && st.started_at > 0, "{st:?}");
+        wait_for_log(&logs.join("quick/0.log"), "stdout F bye").await;
+        // The image's Cmd runs when the config gives none.
+        let dflt = create(&mut rt, &pod, container("default-cmd", &setup.image, &[]), &logs).await.unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: dflt.clone() }).await.unwrap();
+        wait_for_log(&logs.join("default-cmd/0.log"), "from-image-cmd").await;
+
+        // Listing with filters.
+        let lister = rt.clone();
+        let list = |f: cri::ContainerFilter| {
+            let mut rt = lister.clone();
+            async move { rt.list_containers(cri::ListContainersRequest { filter: Some(f) }).await.unwrap().into_inner().containers }
+        };
+        assert_eq!(list(Default::default()).await.len(), 4);
+        let exited = list(cri::ContainerFilter {
+            state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerExited as i32 }),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(exited.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [quick.as_str()]);
+        let by_label = list(cri::ContainerFilter { label_selector: [("app".into(), "user".into())].into(), ..Default::default() }).await;
+        assert_eq!(by_label.len(), 1);
+        assert_eq!(by_label[0].id, uid);
+        assert_eq!(list(cri::ContainerFilter { pod_sandbox_id: "ffff".into(), ..Default::default() }).await.len(), 0);
+        assert_eq!(list(cri::ContainerFilter { id: id[..12].into(), ..Default::default() }).await.len(), 1);
+
+        // Stats from the container's cgroup.
+        let stats = rt
+            .container_stats(cri::ContainerStatsRequest { container_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
+        assert_eq!(stats.attributes.unwrap().id, id);
+        assert!(stats.memory.and_then(|m| m.usage_bytes).is_some_and(|u| u.value > 0), "no memory usage");
+        let all = rt.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await.unwrap().into_inner().stats;
+        assert_eq!(all.len(), 3, "running containers only");
+
+        // An image in use stays.
+        let rm = images
+            .remove_image(cri::RemoveImageRequest { image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }) })
+            .await;
+        assert_eq!(rm.unwrap_err().code(), Code::FailedPrecondition);
+
+        // Stop: SIGTERM ends `sleep` (exit 143); stopping again is fine.
+        rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 10 }).await.expect("StopContainer");
+        let st = cstatus(&mut rt, &id).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+        assert_eq!(st.exit_code, 143, "{st:?}");
+        rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 10 }).await.expect("second stop");
+        assert_eq!(
+            rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.expect("RemoveContainer");
+        assert_eq!(cstatus(&mut rt, &id).await.unwrap_err().code(), Code::NotFound);
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.expect("second remove");
+        assert_eq!(
+            rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.unwrap_err().code(),
+            Code::NotFound
+        );
+
+        // Events for the main container, in order.
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < 4 {
+            let ev = tokio::time::timeout_at(deadline, events.next()).await.expect("events").unwrap().unwrap();
+            if ev.container_id == id {
+                assert_eq!(ev.containers_statuses.len(), 1);
+                seen.push(ev.container_event_type);
+            }
+        }
+        use cri::ContainerEventType as E;
+        assert_eq!(
+            seen,
+            [E::ContainerCreatedEvent as i32, E::ContainerStartedEvent as i32, E::ContainerStoppedEvent as i32, E::ContainerDeletedEvent as i32]
+        );
+
+        // Stopping the pod ends its containers; removing it removes them.
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+        let st = cstatus(&mut rt, &uid).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerExited as i32, "{st:?}");
+        let r = create(&mut rt, &pod, container("late", &setup.image, &["true"]), &logs).await;
+        assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+        assert!(list(Default::default()).await.is_empty());
+        // With no container left, the image can go.
+        images
+            .remove_image(cri::RemoveImageRequest { image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }) })
+            .await
+            .expect("RemoveImage once unused");
+    });
+}
+
+#[test]
+fn log_rotation_loses_nothing() {
+    let s = Scratch::new("containers-rotate").unwrap();
+    let setup = setup(&s);
+    let logs = setup.dir.join("pod-logs");
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&setup.daemon).await;
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pod = run_pod(&mut rt, "rotate", &logs).await;
+        // A fast writer, in bursts of 200 lines, still writing when the
+        // log is rotated.
+        let id = create(&mut rt, &pod, container("count", &setup.image, &["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); echo $i; [ $((i % 200)) = 0 ] && sleep 0.02; done; exec sleep 3600"]), &logs)
+            .await
+            .unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+        let log = logs.join("count/0.log");
+        wait_for_log(&log, " 500\n").await;
+        let rotated = logs.join("count/0.log.1");
+        std::fs::rename(&log, &rotated).unwrap();
+        rt.reopen_container_log(cri::ReopenContainerLogRequest { container_id: id.clone() }).await.expect("ReopenContainerLog");
+        let rest = wait_for_log(&log, " 20000\n").await;
+        assert!(!rest.contains(" 500\n"), "the rotation came too late to test anything");
+        let mut numbers = Vec::new();
+        for f in [&rotated, &log] {
+            for (_, tag, text) in parse_cri_log(&std::fs::read_to_string(f).unwrap()) {
+                assert_eq!(tag, "F");
+                numbers.push(text.parse::<u32>().unwrap());
+            }
+        }
+        assert_eq!(numbers, (1..=20000).collect::<Vec<_>>(), "lines lost or reordered across rotation");
+        assert_eq!(
+            rt.reopen_container_log(cri::ReopenContainerLogRequest { container_id: "nope".into() }).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.unwrap();
+        assert_eq!(
+            rt.reopen_container_log(cri::ReopenContainerLogRequest { container_id: id.clone() }).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+    });
+}
+
+#[test]
+fn daemon_kill_9_keeps_containers_running_and_logging() {
+    let s = Scratch::new("containers-kill9").unwrap();
+    let mut setup = setup(&s);
+    let logs = setup.dir.join("pod-logs");
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&setup.daemon).await;
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: setup.image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pod = run_pod(&mut rt, "survivor", &logs).await;
+        let ticker = create(
+            &mut rt,
+            &pod,
+            container(
+                "ticker",
+                &setup.image,
+                &[
+                    "sh",
+                    "-c",
+                    "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done",
+                ],
+            ),
+            &logs,
+        )
+        .await
+        .unwrap();
+        let ender = create(
+            &mut rt,
+            &pod,
+            container("ender", &setup.image, &["sh", "-c", "sleep 2; exit 4"]),
+            &logs,
+        )
+        .await
+        .unwrap();
+        create(
+            &mut rt,
+            &pod,
+            container("waiting", &setup.image, &["true"]),
+            &logs,
+        )
+        .await
+        .unwrap();
+        for id in [&ticker, &ender] {
+            rt.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        wait_for_log(&logs.join("ticker/0.log"), "tick-3\n").await;
+    });
+    setup.daemon.kill9();
+    // The ender exits while no daemon watches.
+    std::thread::sleep(Duration::from_secs(3));
+    setup.daemon.restart();
+    rt().block_on(async {
+        let (mut rt, _) = clients(&setup.daemon).await;
+        let all = rt
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        let by_name = |n: &str| {
+            all.iter()
+                .find(|c| c.metadata.as_ref().unwrap().name == n)
+                .unwrap()
+                .id
+                .clone()
+        };
+        let (ticker, ender, waiting) = (by_name("ticker"), by_name("ender"), by_name("waiting"));
+        assert_eq!(
+            cstatus(&mut rt, &ticker).await.unwrap().state,
+            cri::ContainerState::ContainerRunning as i32
+        );
+        assert_eq!(
+            cstatus(&mut rt, &waiting).await.unwrap().state,
+            cri::ContainerState::ContainerCreated as i32
+        );
+        let st = wait_state(&mut rt, &ender, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 4, "{st:?}");
+        // Logging goes on where it stopped: no tick lost, none twice.
+        let log = logs.join("ticker/0.log");
+        let before = std::fs::read_to_string(&log).unwrap().lines().count();
+        wait_for_log(&log, &format!("tick-{}\n", before + 20)).await;
+        let ticks: Vec<u32> = parse_cri_log(&std::fs::read_to_string(&log).unwrap())
+            .into_iter()
+            .map(|e| e.2.trim_start_matches("tick-").parse().unwrap())
+            .collect();
+        assert_eq!(
+            ticks,
+            (1..=ticks.len() as u32).collect::<Vec<_>>(),
+            "ticks lost or repeated across the restart"
+        );
+        let r = exec(&mut rt, &ticker, &["echo", "still here"], 10)
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "still here\n");
+        // The created one can still start.
+        rt.start_container(cri::StartContainerRequest {
+            container_id: waiting.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rt, &waiting, cri::ContainerState::ContainerExited).await;
+        assert_eq!((st.exit_code, st.reason.as_str()), (0, "Completed"));
+        let pods = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pods[0].id.clone(),
+        })
+        .await
+        .unwrap();
+    });
+}
