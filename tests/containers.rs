@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
-use vmcri_tests::registry::{busybox_layout, push, start_registry, Registry};
+use vmcri_tests::registry::{busybox_layout, push, start_registry, Entry, Registry};
 use vmcri_tests::{artifacts, Daemon, Scratch};
 
 const IMAGE_CONFIG: &str = r#"{"Cmd":["sh","-c","echo from-image-cmd; exec sleep 3600"],"Env":["FROM_IMAGE=yes","PATH=/bin"],"WorkingDir":"/home/app"}"#;
@@ -25,14 +25,22 @@ struct Setup {
 
 fn setup(s: &Scratch) -> Setup {
     let registry = start_registry(&s.0);
-    let layout = busybox_layout(&s.0, &[], IMAGE_CONFIG);
+    let layout = busybox_layout(
+        &s.0,
+        &[Entry::File("etc/image-file", b"from the image\n", 0o644)],
+        IMAGE_CONFIG,
+    );
     push(&layout, registry.port, "busybox");
     let a = artifacts();
+    // The process backend by default; `vmcri` runs pods in microVMs.
     let daemon = Daemon::start(
         &s.0,
         &format!(
-            "default_handler = \"vmcri-process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
-            a.agent.display()
+            "default_handler = \"vmcri-process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n",
+            a.agent.display(),
+            a.kernel.display(),
+            a.agent_initrd.display(),
+            a.vmm.display(),
         ),
     );
     Setup {
@@ -73,9 +81,18 @@ fn pod_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
 }
 
 async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, name: &str, logs: &Path) -> String {
+    run_pod_with(rt, name, logs, "").await
+}
+
+async fn run_pod_with(
+    rt: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    logs: &Path,
+    handler: &str,
+) -> String {
     rt.run_pod_sandbox(cri::RunPodSandboxRequest {
         config: Some(pod_config(name, logs)),
-        runtime_handler: String::new(),
+        runtime_handler: handler.into(),
     })
     .await
     .expect("RunPodSandbox")
@@ -142,12 +159,15 @@ async fn exec(
     .map(|r| r.into_inner())
 }
 
+/// Deadline for what a microVM does slowly on nested hosts.
+const SLOW: Duration = Duration::from_secs(180);
+
 async fn wait_state(
     rt: &mut RuntimeServiceClient<Channel>,
     id: &str,
     state: cri::ContainerState,
 ) -> cri::ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + SLOW;
     loop {
         let s = cstatus(rt, id).await.expect("ContainerStatus");
         if s.state == state as i32 {
@@ -162,7 +182,7 @@ async fn wait_state(
 }
 
 async fn wait_for_log(path: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + SLOW;
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if text.contains(needle) {
@@ -614,4 +634,180 @@ fn daemon_kill_9_keeps_containers_running_and_logging() {
         .await
         .unwrap();
     });
+}
+
+/// The core lifecycle in a microVM on this machine's KVM: the container
+/// runs from its image's layers (shared over virtio-fs, overlaid in the
+/// guest), writes only its own layer, sees its host volumes read-only or
+/// read-write as asked, and sees host-side updates; stopping and removing
+/// the pod ends the VMM and leaves the host's files alone.
+#[test]
+fn microvm_container_runs_from_its_image_and_sees_its_volumes() {
+    let s = Scratch::new("containers-microvm").unwrap();
+    let setup = setup(&s);
+    let logs = setup.dir.join("pod-logs");
+    let data = setup.dir.join("data");
+    let rw = setup.dir.join("rw");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(data.join("file"), "v1\n").unwrap();
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&setup.daemon).await;
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: setup.image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let pod = run_pod_with(&mut rt, "vm", &logs, "vmcri").await;
+        eprintln!("microVM pod ready in {:?}", t0.elapsed());
+        let mut c = container(
+            "app",
+            &setup.image,
+            &["sh", "-c", "cat /etc/image-file; exec sleep 3600"],
+        );
+        c.mounts = vec![
+            cri::Mount {
+                container_path: "/data".into(),
+                host_path: data.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            },
+            cri::Mount {
+                container_path: "/rw".into(),
+                host_path: rw.display().to_string(),
+                ..Default::default()
+            },
+        ];
+        let t0 = Instant::now();
+        let id = create(&mut rt, &pod, c, &logs)
+            .await
+            .expect("CreateContainer in a microVM");
+        eprintln!("CreateContainer in {:?}", t0.elapsed());
+        let t0 = Instant::now();
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer");
+        let text = wait_for_log(&logs.join("app/0.log"), "from the image").await;
+        eprintln!("StartContainer to first log line in {:?}", t0.elapsed());
+        assert!(text.contains("stdout F from the image"), "{text}");
+
+        let run = |cmd: &str| {
+            let mut rt = rt.clone();
+            let id = id.clone();
+            let cmd = vec!["sh".to_string(), "-c".to_string(), cmd.to_string()];
+            async move {
+                rt.exec_sync(cri::ExecSyncRequest {
+                    container_id: id,
+                    cmd,
+                    timeout: 120,
+                })
+                .await
+                .expect("ExecSync")
+                .into_inner()
+            }
+        };
+        let t0 = Instant::now();
+        let r = run("echo changed > /etc/image-file && cat /etc/image-file").await;
+        eprintln!("ExecSync in {:?}", t0.elapsed());
+        assert_eq!(
+            (r.exit_code, String::from_utf8_lossy(&r.stdout).as_ref()),
+            (0, "changed\n"),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        for l in std::fs::read_dir(setup.dir.join("root/content/layers"))
+            .unwrap()
+            .flatten()
+            .filter(|l| l.path().is_dir())
+        {
+            let f = std::fs::read_to_string(l.path().join("etc/image-file")).unwrap();
+            assert_eq!(f, "from the image\n", "the shared layer was modified");
+        }
+        let r = run("cat /data/file").await;
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "v1\n");
+        let r = run("touch /data/new").await;
+        assert_ne!(r.exit_code, 0, "a read-only volume was writable");
+        assert!(!data.join("new").exists());
+        let r = run("echo from-vm > /rw/f").await;
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "from-vm\n");
+        // A host-side update (as kubelet makes to a ConfigMap) shows.
+        std::fs::write(data.join("file"), "v2\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = run("cat /data/file").await;
+            if String::from_utf8_lossy(&r.stdout) == "v2\n" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the host update never showed: {:?}",
+                String::from_utf8_lossy(&r.stdout)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 10,
+        })
+        .await
+        .expect("StopContainer");
+        let st = cstatus(&mut rt, &id).await.unwrap();
+        assert_eq!(
+            (st.state, st.exit_code),
+            (cri::ContainerState::ContainerExited as i32, 143),
+            "{st:?}"
+        );
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+
+        let status = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        assert_eq!(info["backend"], "microvm");
+        let vmm_pid = info["pid"].as_i64().unwrap();
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        let cmdline =
+            std::fs::read_to_string(format!("/proc/{vmm_pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !cmdline.contains("vmcri-vmm"),
+            "the VMM is gone after StopPodSandbox"
+        );
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    });
+    // Removing the pod unmounted its share before deleting it.
+    assert_eq!(std::fs::read_to_string(data.join("file")).unwrap(), "v2\n");
+    assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "from-vm\n");
+    assert!(
+        std::fs::read_dir(setup.dir.join("root/content/layers"))
+            .unwrap()
+            .count()
+            > 0
+    );
 }

@@ -43,6 +43,38 @@ fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
+/// Moves the root from the initramfs onto a tmpfs (as switch_root does,
+/// without copying: the running agent needs nothing from the old root).
+/// The kernel refuses pivot_root(2) while the root is the initial ramfs,
+/// and container runtimes pivot into every container's rootfs; chroot
+/// instead would let a container with CAP_SYS_CHROOT climb back out.
+pub fn leave_initramfs() -> io::Result<()> {
+    const NEW_ROOT: &str = "/.vmcri-root";
+    std::fs::create_dir_all(NEW_ROOT)?;
+    mount_one("vmcri-root", NEW_ROOT, "tmpfs", 0, "mode=0755")?;
+    std::env::set_current_dir(NEW_ROOT)?;
+    let dot = cstr(".")?;
+    let slash = cstr("/")?;
+    // SAFETY: valid NUL-terminated strings; MS_MOVE of the mount we made.
+    if unsafe {
+        libc::mount(
+            dot.as_ptr(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: chroot to the current directory, now mounted on /.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
 /// Mounts /proc, /sys, /dev, /run and the cgroup2 hierarchy. A target
 /// that is already mounted (EBUSY) is fine.
 pub fn mount_filesystems() -> io::Result<()> {
@@ -70,6 +102,29 @@ pub fn mount_filesystems() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the pod's virtio-fs share (image layers, volumes) is mounted.
+pub const SHARED_DIR: &str = "/run/vmcri/shared";
+/// The virtio-fs tag the VMM gives the share.
+const SHARED_TAG: &str = "vmcri";
+
+/// Mounts the pod's virtio-fs share on [`SHARED_DIR`]; false when the VM
+/// has no share (a VM started without one runs no containers from images).
+pub fn mount_shared() -> io::Result<bool> {
+    std::fs::create_dir_all(SHARED_DIR)?;
+    match mount_one(
+        SHARED_TAG,
+        SHARED_DIR,
+        "virtiofs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "",
+    ) {
+        Ok(()) => Ok(true),
+        // No device with that tag.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Brings `lo` up with an ioctl (no netlink needed for one flag).

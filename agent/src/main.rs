@@ -84,7 +84,13 @@ fn main() {
 fn run(pid1: bool, ns_init: bool, args: &Args) -> Result<()> {
     let listen: Listen = args.listen.parse().map_err(anyhow::Error::msg)?;
     if pid1 {
+        init::leave_initramfs().context("moving the root off the initramfs")?;
         init::mount_filesystems().context("mounting boot filesystems")?;
+        match init::mount_shared() {
+            Ok(true) => {}
+            Ok(false) => eprintln!("vmcri-agent: no virtio-fs share; containers cannot start"),
+            Err(e) => return Err(e).context("mounting the pod's virtio-fs share"),
+        }
     }
     if ns_init {
         // PIDs we see must match /proc, which the container engine reads.

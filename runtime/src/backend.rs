@@ -163,6 +163,11 @@ impl Backends {
                 } else {
                     c.initrd.clone()
                 };
+                let shared = crate::shared::SharedDir::new(rec.dir.join("shared"));
+                std::fs::create_dir_all(shared.path()).map_err(|source| BackendError::Spawn {
+                    what: format!("shared directory {}", shared.path().display()),
+                    source,
+                })?;
                 let mut cmd = Command::new(&vmm);
                 cmd.arg("--kernel")
                     .arg(&kernel)
@@ -178,6 +183,8 @@ impl Backends {
                     .arg(&rec.agent_socket)
                     .arg("--serial")
                     .arg(rec.dir.join("console.log"))
+                    .arg("--shared-dir")
+                    .arg(shared.path())
                     .args(["--cmdline", "quiet"]);
                 let p = process::spawn_detached(cmd, &log, || Ok(())).map_err(|source| {
                     BackendError::Spawn {

@@ -8,6 +8,7 @@ use crate::config::Backend;
 use crate::images::Images;
 use crate::logs::{LogFile, Stream};
 use crate::sandbox::{new_id, now_ns, EventKind, SandboxError, Sandboxes};
+use crate::shared::SharedDir;
 use crate::spec::{self, PodContext, SpecError};
 use crate::store::{SandboxRecord, SandboxState};
 use k8s_cri::v1 as cri;
@@ -224,6 +225,34 @@ fn log_path(dir: &str, rel: &str) -> Result<String, ContainerError> {
     Ok(Path::new(dir).join(p).display().to_string())
 }
 
+/// Exposes an image's layers and a container's volumes in a microVM pod's
+/// share; returns the layers' and the volumes' paths in the guest.
+fn expose(
+    sandbox: &SandboxRecord,
+    id: &str,
+    image: &crate::images::ImageRecord,
+    layers: &[PathBuf],
+    config: &cri::ContainerConfig,
+) -> Result<(Vec<String>, Vec<String>), ContainerError> {
+    let shared = SharedDir::new(sandbox.dir.join("shared"));
+    let result = (|| {
+        let mut guest_layers = Vec::new();
+        for (chain, path) in image.chain.iter().zip(layers) {
+            let hex = chain.trim_start_matches("sha256:");
+            guest_layers.push(shared.expose_layer(hex, path)?);
+        }
+        let mut sources = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            sources.push(shared.expose_volume(id, i, Path::new(&m.host_path), m.readonly)?);
+        }
+        Ok::<_, std::io::Error>((guest_layers, sources))
+    })();
+    result.map_err(|e| {
+        let _ = shared.release_container(id);
+        ContainerError::Io(format!("exposing the container's files to its VM: {e}"))
+    })
+}
+
 fn pref(id: &str, exec_id: &str) -> pb::ProcessRef {
     pb::ProcessRef {
         container_id: id.to_string(),
@@ -420,24 +449,27 @@ impl Containers {
         let image = self.images.find(&image_name).ok_or_else(|| {
             ContainerError::NotFound(format!("image {image_name:?} not found: pull it first"))
         })?;
-        if sandbox.backend == Backend::Microvm {
-            return Err(ContainerError::Unsupported(
-                "container root filesystems in microVMs need virtio-fs, which has not landed yet; \
-                 use a RuntimeClass handler with the process backend meanwhile"
-                    .into(),
-            ));
-        }
         let layers = self.images.layer_paths(&image);
         let image_config = self
             .images
             .config(&image)
             .map_err(|e| ContainerError::Io(format!("image {image_name}: {e}")))?;
         let id = new_id();
-        let pod = PodContext {
+        let mut pod = PodContext {
             sandbox_id: sandbox_id.clone(),
             etc_files: Vec::new(),
+            mount_sources: Vec::new(),
         };
-        let built = spec::build(&id, &config, &image_config, &layers, &pod)?;
+        // Validate before anything is exposed to the guest.
+        let mut built = spec::build(&id, &config, &image_config, &layers, &pod)?;
+        let mut agent_layers: Vec<String> =
+            layers.iter().map(|p| p.display().to_string()).collect();
+        if sandbox.backend == Backend::Microvm {
+            let (guest_layers, sources) = expose(&sandbox, &id, &image, &layers, &config)?;
+            agent_layers = guest_layers;
+            pod.mount_sources = sources;
+            built = spec::build(&id, &config, &image_config, &layers, &pod)?;
+        }
         let rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -499,7 +531,7 @@ impl Containers {
         let req = pb::CreateContainerRequest {
             container_id: id.clone(),
             oci_spec_json: built.json,
-            rootfs_layers: layers.iter().map(|p| p.display().to_string()).collect(),
+            rootfs_layers: agent_layers,
             mounts: Vec::new(),
             tty: false,
             stdin: false,
@@ -512,6 +544,7 @@ impl Containers {
         if let Err(e) = made {
             lock(&self.entries).remove(&id);
             let _ = agent.remove_container(&id, Duration::ZERO).await;
+            let _ = SharedDir::new(sandbox.dir.join("shared")).release_container(&id);
             tracing::error!(sandbox_id = %sandbox_id, container_id = %id, error = %e, "container create failed");
             return Err(e);
         }
@@ -686,6 +719,9 @@ impl Containers {
                 agent.remove_container(&id, Duration::ZERO).await?;
             }
             let _ = std::fs::remove_file(LogPosition::path(&sandbox.dir, &id));
+            SharedDir::new(sandbox.dir.join("shared"))
+                .release_container(&id)
+                .map_err(io("unexposing the container's volumes"))?;
             match std::fs::remove_file(record_path(&sandbox.dir, &id)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -9,5 +9,6 @@ pub mod images;
 pub mod logs;
 pub mod process;
 pub mod sandbox;
+pub mod shared;
 pub mod spec;
 pub mod store;

@@ -123,6 +123,9 @@ pub struct PodContext {
     /// Files the pod shares into containers: /etc/hosts, /etc/resolv.conf,
     /// /etc/hostname (host paths), if the pod has them.
     pub etc_files: Vec<(String, PathBuf)>,
+    /// Where each CRI mount's source is as the agent sees it (in a
+    /// microVM, its path in the pod's share); empty: the host path.
+    pub mount_sources: Vec<String>,
 }
 
 /// The user a container runs as.
@@ -472,7 +475,7 @@ fn mounts(
         }
         out.push(json!({"destination": dest, "type": "bind", "source": src, "options": options}));
     }
-    for m in &config.mounts {
+    for (i, m) in config.mounts.iter().enumerate() {
         if !Path::new(&m.container_path).is_absolute() {
             return Err(invalid(format!(
                 "mount container_path {:?} must be absolute",
@@ -522,7 +525,8 @@ fn mounts(
                 "recursive read-only mounts are not supported yet".into(),
             ));
         }
-        out.push(json!({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": options}));
+        let source = pod.mount_sources.get(i).unwrap_or(&m.host_path);
+        out.push(json!({"destination": m.container_path, "type": "bind", "source": source, "options": options}));
     }
     Ok(out)
 }
@@ -699,6 +703,7 @@ mod tests {
         PodContext {
             sandbox_id: "s1".into(),
             etc_files: Vec::new(),
+            mount_sources: Vec::new(),
         }
     }
 

@@ -141,7 +141,8 @@ impl Store {
     /// Removes sandbox `id`'s record and directory.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(id);
-        match std::fs::remove_dir_all(&dir) {
+        // Never delete through a mount (a pod's share binds host volumes).
+        match crate::shared::remove_safely(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&dir)(e)),

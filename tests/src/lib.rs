@@ -158,6 +158,18 @@ impl Drop for Scratch {
             eprintln!("keeping scratch directory {}", self.0.display());
             return;
         }
+        // A failed test can leave a pod behind with host directories bound
+        // into its share: unmount them rather than delete through them.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&self.0))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -14,4 +14,4 @@ pub mod vm;
 
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;
-pub use vm::{SerialOutput, Vm, VmConfig, VsockConfig};
+pub use vm::{SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};

@@ -4,7 +4,7 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmcri_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
-use vmcri_vmm::{CpuProfile, SerialOutput, Vm, VmConfig, VsockConfig};
+use vmcri_vmm::{CpuProfile, SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ProfileArg {
@@ -56,6 +56,12 @@ struct Args {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// Share this host directory with the guest over virtio-fs.
+    #[arg(long, value_name = "DIR")]
+    shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts the shared directory by.
+    #[arg(long, default_value = "vmcri")]
+    shared_tag: String,
 }
 
 fn main() {
@@ -94,6 +100,10 @@ fn main() {
         vsock: args.vsock.map(|uds_path| VsockConfig {
             guest_cid: args.vsock_cid,
             uds_path,
+        }),
+        shared_fs: args.shared_dir.map(|dir| SharedFsConfig {
+            tag: args.shared_tag,
+            dir,
         }),
     };
     let result = Vm::build(&config).and_then(Vm::run);

@@ -4,6 +4,7 @@ use crate::boot::{self, BootError};
 use crate::cmdline::{self, KernelCmdlineError, MmioDeviceArg};
 use crate::cpuid::CpuProfile;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::fs::FsDevice;
 use crate::devices::legacy::{
     I8042Reset, PanicPort, I8042_DATA_PORT, I8042_PORT_RANGE, PANIC_PORT,
 };
@@ -73,6 +74,17 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Hybrid vsock: the host-side Unix socket, if the VM has a vsock device.
     pub vsock: Option<VsockConfig>,
+    /// A host directory shared over virtio-fs, if any.
+    pub shared_fs: Option<SharedFsConfig>,
+}
+
+/// The virtio-fs device's settings.
+#[derive(Debug, Clone)]
+pub struct SharedFsConfig {
+    /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub tag: String,
+    /// The host directory served; nothing outside it is reachable.
+    pub dir: PathBuf,
 }
 
 /// The vsock device's settings.
@@ -100,6 +112,9 @@ pub enum BuildError {
     /// Command line problem.
     #[error(transparent)]
     Cmdline(#[from] KernelCmdlineError),
+    /// The shared directory cannot be served.
+    #[error("{0}")]
+    SharedFs(String),
     /// A KVM call failed.
     #[error("KVM: {what}: {source}")]
     Kvm {
@@ -215,6 +230,11 @@ impl Vm {
         if let Some(v) = &config.vsock {
             let dev = Vsock::new(v.guest_cid, &v.uds_path)
                 .map_err(io_err(format!("vsock socket {}", v.uds_path.display())))?;
+            virtio.push(Box::new(dev));
+        }
+        if let Some(f) = &config.shared_fs {
+            let dev =
+                FsDevice::new(&f.tag, &f.dir).map_err(|e| BuildError::SharedFs(e.to_string()))?;
             virtio.push(Box::new(dev));
         }
         let mut mmio_args = Vec::new();

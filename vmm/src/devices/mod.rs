@@ -14,6 +14,7 @@ macro_rules! guest_warn {
 }
 
 pub mod bus;
+pub mod fs;
 pub mod legacy;
 pub mod rng;
 pub mod serial;
