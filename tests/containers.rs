@@ -402,7 +402,55 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
         assert!(stats.memory.and_then(|m| m.usage_bytes).is_some_and(|u| u.value > 0), "no memory usage");
         let all = rt.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await.unwrap().into_inner().stats;
         assert_eq!(all.len(), 3, "running containers only");
+        let pod_stats = rt
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("PodSandboxStats")
+            .into_inner()
+            .stats
+            .unwrap();
+        let linux = pod_stats.linux.unwrap();
+        assert_eq!(linux.containers.len(), 3, "running containers");
+        assert!(linux.memory.and_then(|m| m.usage_bytes).is_some_and(|u| u.value > 0));
+        assert!(linux.process.and_then(|p| p.process_count).is_some_and(|n| n.value >= 3));
+        let listed = rt
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats;
+        assert_eq!(listed.len(), 1);
 
+        // New limits reach the container's cgroup.
+        rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 96 << 20,
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateContainerResources");
+        let cg = |ctl: &str, file: &str| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/vmcri/{pod}/{id}/{file}"))
+                .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/vmcri/{pod}/{id}/{file}")))
+                .unwrap_or_default()
+        };
+        let limit = cg("memory", "memory.limit_in_bytes") + &cg("", "memory.max");
+        assert!(limit.contains(&(96u64 << 20).to_string()), "memory limit not applied: {limit:?}");
+        let bad = rt
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.clone(),
+                linux: Some(cri::LinuxContainerResources { memory_limit_in_bytes: -1, ..Default::default() }),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
         // An image in use stays.
         let rm = images
             .remove_image(cri::RemoveImageRequest { image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }) })

@@ -248,9 +248,31 @@ impl Agent for AgentService {
 
     async fn update_container_resources(
         &self,
-        _: Request<pb::UpdateResourcesRequest>,
+        req: Request<pb::UpdateResourcesRequest>,
     ) -> Result<Response<pb::UpdateResourcesResponse>, Status> {
-        Err(not_yet("UpdateContainerResources"))
+        let req = req.into_inner();
+        let r = req.resources.unwrap_or_default();
+        let positive = |v: i64| (v > 0).then_some(v);
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        let text = |v: &str| (!v.is_empty()).then(|| v.to_string());
+        // The OCI shape, checked by oci-spec as it parses.
+        let json = serde_json::json!({
+            "cpu": {
+                "quota": positive(r.cpu_quota),
+                "period": nonzero(r.cpu_period),
+                "shares": nonzero(r.cpu_shares),
+                "cpus": text(&r.cpuset_cpus),
+                "mems": text(&r.cpuset_mems),
+            },
+            "memory": {"limit": positive(r.memory_limit_bytes)},
+            "pids": positive(r.pids_limit).map(|l| serde_json::json!({"limit": l})),
+            "unified": (!r.unified.is_empty()).then_some(&r.unified),
+        });
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_value(json)
+            .map_err(|e| Status::invalid_argument(format!("resources: {e}")))?;
+        self.engine
+            .update_resources(&req.container_id, &resources)?;
+        Ok(Response::new(pb::UpdateResourcesResponse {}))
     }
 
     async fn exec_process(
@@ -414,7 +436,9 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::SandboxStatsRequest>,
     ) -> Result<Response<pb::SandboxStatsResponse>, Status> {
-        Err(not_yet("SandboxStats"))
+        Ok(Response::new(pb::SandboxStatsResponse {
+            stats: Some(stats_pb(&self.engine.sandbox_stats())),
+        }))
     }
 
     type PortForwardStream = BoxStream<pb::ForwardChunk>;

@@ -870,6 +870,54 @@ impl Containers {
             .map_err(io("reopening the log"))
     }
 
+    /// UpdateContainerResources: new CPU and memory limits for a running
+    /// (or created) container.
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        r: &cri::LinuxContainerResources,
+    ) -> Result<(), ContainerError> {
+        let (id, entry) = self.entry(id)?;
+        let rec = lock(&entry.record).clone();
+        if rec.state == ContainerState::Exited {
+            return Err(ContainerError::State(format!("container {id} has exited")));
+        }
+        if r.cpu_quota < -1 || r.cpu_period < 0 || r.cpu_shares < 0 || r.memory_limit_in_bytes < 0 {
+            return Err(ContainerError::Invalid("negative resource limit".into()));
+        }
+        if !r.hugepage_limits.is_empty() {
+            return Err(ContainerError::Unsupported(
+                "hugepage limits are not supported yet".into(),
+            ));
+        }
+        let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
+        let resources = pb::Resources {
+            cpu_quota: r.cpu_quota,
+            cpu_period: r.cpu_period as u64,
+            cpu_shares: r.cpu_shares as u64,
+            cpuset_cpus: r.cpuset_cpus.clone(),
+            cpuset_mems: r.cpuset_mems.clone(),
+            memory_limit_bytes: r.memory_limit_in_bytes,
+            pids_limit: 0,
+            unified: r.unified.clone(),
+        };
+        agent.update_resources(&id, resources).await?;
+        tracing::info!(container_id = %id, "container resources updated");
+        Ok(())
+    }
+
+    /// Cgroup statistics of a ready sandbox's containers together, and of
+    /// each.
+    pub async fn sandbox_stats(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<(pb::CgroupStats, HashMap<String, pb::CgroupStats>), ContainerError> {
+        let (_, agent) = self.ready_sandbox(sandbox_id).await?;
+        let total = agent.sandbox_stats().await?;
+        let each = agent.container_stats(Vec::new()).await?;
+        Ok((total, each))
+    }
+
     /// Cgroup statistics of containers of a ready sandbox.
     pub async fn stats(
         &self,

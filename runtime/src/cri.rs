@@ -53,6 +53,53 @@ impl Cri {
     }
 }
 
+impl Cri {
+    async fn pod_stats(&self, rec: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
+        let (total, each) = self.containers.sandbox_stats(&rec.id).await?;
+        let containers = self
+            .containers
+            .list()
+            .iter()
+            .filter(|c| c.sandbox_id == rec.id && c.state != ContainerState::Exited)
+            .map(|c| stats_of(c, each.get(&c.id)))
+            .collect();
+        let ts = total.timestamp_ns;
+        let v = |x: u64| Some(cri::UInt64Value { value: x });
+        Ok(cri::PodSandboxStats {
+            attributes: Some(cri::PodSandboxAttributes {
+                id: rec.id.clone(),
+                metadata: Some(metadata(rec)),
+                labels: to_hash(&rec.labels),
+                annotations: to_hash(&rec.annotations),
+            }),
+            linux: Some(cri::LinuxPodSandboxStats {
+                cpu: Some(cri::CpuUsage {
+                    timestamp: ts,
+                    usage_core_nano_seconds: v(total.cpu_usage_ns),
+                    usage_nano_cores: None,
+                }),
+                memory: Some(cri::MemoryUsage {
+                    timestamp: ts,
+                    working_set_bytes: v(total.memory_working_set_bytes),
+                    available_bytes: None,
+                    usage_bytes: v(total.memory_usage_bytes),
+                    rss_bytes: v(total.memory_rss_bytes),
+                    page_faults: v(total.memory_page_faults),
+                    major_page_faults: v(total.memory_major_page_faults),
+                }),
+                // Pod networking has not landed.
+                network: None,
+                process: Some(cri::ProcessUsage {
+                    timestamp: ts,
+                    process_count: v(total.pids_current),
+                }),
+                containers,
+            }),
+            windows: None,
+        })
+    }
+}
+
 impl From<ContainerError> for Status {
     fn from(e: ContainerError) -> Status {
         let msg = e.to_string();
@@ -533,8 +580,14 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        self.containers.get(&req.into_inner().container_id)?;
-        Err(unimplemented("UpdateContainerResources"))
+        let req = req.into_inner();
+        let linux = req.linux.ok_or_else(|| {
+            Status::invalid_argument("UpdateContainerResources: linux resources are required")
+        })?;
+        self.containers
+            .update_resources(&req.container_id, &linux)
+            .await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
@@ -663,19 +716,40 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        self.sandboxes.get(&req.into_inner().pod_sandbox_id)?;
-        Err(unimplemented(
-            "PodSandboxStats (guest cgroup stats arrive with the container engine)",
-        ))
+        let rec = self.sandboxes.get(&req.into_inner().pod_sandbox_id)?;
+        if rec.state != SandboxState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                rec.id
+            )));
+        }
+        let stats = self.pod_stats(&rec).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(unimplemented(
-            "ListPodSandboxStats (guest cgroup stats arrive with the container engine)",
-        ))
+        let f = req.into_inner().filter.unwrap_or_default();
+        let mut stats = Vec::new();
+        for rec in self.sandboxes.list() {
+            let wanted = (f.id.is_empty() || rec.id.starts_with(&f.id))
+                && f.label_selector
+                    .iter()
+                    .all(|(k, v)| rec.labels.get(k) == Some(v));
+            if !wanted || rec.state != SandboxState::Ready {
+                continue;
+            }
+            // One unreachable pod must not hide the others' stats.
+            match self.pod_stats(&rec).await {
+                Ok(s) => stats.push(s),
+                Err(e) => tracing::warn!(sandbox_id = %rec.id, error = %e, "pod sandbox stats"),
+            }
+        }
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
     async fn update_runtime_config(

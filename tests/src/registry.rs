@@ -102,9 +102,11 @@ pub enum Entry<'a> {
 /// Writes a one-layer OCI image layout at `dir/layout` whose config is
 /// `config` (the image config's `config` object, JSON), tagged v1.
 pub fn layout(dir: &Path, entries: &[Entry], config: &str) -> PathBuf {
-    let layout = dir.join("layout");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
+    layout_layers(dir, &[entries], config)
+}
+
+/// A gzip tar layer of `entries`: (compressed blob, diff ID hex).
+fn tar_layer(entries: &[Entry]) -> (Vec<u8>, String) {
     let mut tar = tar::Builder::new(Vec::new());
     for e in entries {
         let mut h = tar::Header::new_gnu();
@@ -138,18 +140,36 @@ pub fn layout(dir: &Path, entries: &[Entry], config: &str) -> PathBuf {
     let diff_id = sha256_hex(&tar);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
-    let layer = gz.finish().unwrap();
-    let layer_d = sha256_hex(&layer);
-    std::fs::write(blobs.join(&layer_d), &layer).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+/// Like [`layout`], with one layer per entry list, lowest first.
+pub fn layout_layers(dir: &Path, layers: &[&[Entry]], config: &str) -> PathBuf {
+    let layout = dir.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut diff_ids = Vec::new();
+    let mut descriptors = Vec::new();
+    for entries in layers {
+        let (layer, diff_id) = tar_layer(entries);
+        let layer_d = sha256_hex(&layer);
+        std::fs::write(blobs.join(&layer_d), &layer).unwrap();
+        diff_ids.push(format!("\"sha256:{diff_id}\""));
+        descriptors.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}"#,
+            layer.len()
+        ));
+    }
+    let diff_ids = diff_ids.join(",");
+    let descriptors = descriptors.join(",");
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{config},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{config},"rootfs":{{"type":"layers","diff_ids":[{diff_ids}]}}}}"#
     );
     let config_d = sha256_hex(config.as_bytes());
     std::fs::write(blobs.join(&config_d), &config).unwrap();
     let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}]}}"#,
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{descriptors}]}}"#,
         config.len(),
-        layer.len()
     );
     let manifest_d = sha256_hex(manifest.as_bytes());
     std::fs::write(blobs.join(&manifest_d), &manifest).unwrap();

@@ -443,9 +443,49 @@ impl Engine {
         Ok(())
     }
 
+    /// Applies new cgroup limits to running container `id`.
+    pub fn update_resources(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), EngineError> {
+        use libcgroups::common::{
+            create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt,
+        };
+        let c = self.get(id)?;
+        if c.init.exited().is_some() {
+            return Err(EngineError::State(format!("container {id} has exited")));
+        }
+        let manager = create_cgroup_manager(CgroupConfig {
+            cgroup_path: PathBuf::from(&c.cgroup),
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .map_err(|e| EngineError::Failed(format!("cgroup of container {id}: {e}")))?;
+        manager
+            .apply(&ControllerOpt {
+                resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| EngineError::Failed(format!("updating container {id}'s cgroup: {e}")))
+    }
+
     /// Statistics of container `id`'s cgroup.
     pub fn stats(&self, id: &str) -> Result<Option<cgroup::Stats>, EngineError> {
         Ok(cgroup::stats(&self.get(id)?.cgroup))
+    }
+
+    /// Statistics of the cgroup holding all containers (the parent of
+    /// theirs); zero when there are none yet.
+    pub fn sandbox_stats(&self) -> cgroup::Stats {
+        let parent = lock(&self.containers).values().find_map(|c| {
+            std::path::Path::new(&c.cgroup)
+                .parent()
+                .map(|p| p.display().to_string())
+        });
+        parent.and_then(|p| cgroup::stats(&p)).unwrap_or_default()
     }
 
     /// IDs of all containers.

@@ -408,6 +408,38 @@ impl Agent {
         )
     }
 
+    /// Applies new cgroup limits to a running container.
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        resources: pb::Resources,
+    ) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::UpdateResourcesRequest {
+            container_id: id.to_string(),
+            resources: Some(resources),
+        };
+        deadline(
+            "UpdateContainerResources",
+            self.call_timeout,
+            c.update_container_resources(req),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Cgroup statistics of all the sandbox's containers together.
+    pub async fn sandbox_stats(&self) -> Result<pb::CgroupStats, ClientError> {
+        let mut c = self.client.clone();
+        let r = deadline(
+            "SandboxStats",
+            self.call_timeout,
+            c.sandbox_stats(pb::SandboxStatsRequest {}),
+        )
+        .await?;
+        Ok(r.stats.unwrap_or_default())
+    }
+
     /// Asks the guest to sync and reboot, which ends the VM.
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         let mut c = self.client.clone();
