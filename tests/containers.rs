@@ -59,6 +59,19 @@ async fn clients(d: &Daemon) -> (RuntimeServiceClient<Channel>, ImageServiceClie
     )
 }
 
+async fn pull(images: &mut ImageServiceClient<Channel>, image: &str) {
+    images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("PullImage");
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -76,8 +89,39 @@ fn pod_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
         }),
         hostname: name.into(),
         log_directory: logs.display().to_string(),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
         ..Default::default()
     }
+}
+
+/// The pod's hostname and DNS reach the container.
+async fn assert_pod_files(rt: &mut RuntimeServiceClient<Channel>, id: &str, pod_name: &str) {
+    let r = exec(
+        rt,
+        id,
+        &[
+            "sh",
+            "-c",
+            "hostname; cat /etc/hostname /etc/resolv.conf /etc/hosts",
+        ],
+        120,
+    )
+    .await
+    .expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.starts_with(&format!("{pod_name}\n{pod_name}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("nameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("127.0.1.1\t{pod_name}")), "{out}");
 }
 
 async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, name: &str, logs: &Path) -> String {
@@ -234,14 +278,24 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
             .await
             .unwrap()
             .into_inner();
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .expect("PullImage");
+        pull(&mut images, &setup.image).await;
         let pod = run_pod(&mut rt, "web", &logs).await;
+        // A pod whose DNS server is not an address, or whose hostname could
+        // not be one, is refused.
+        let mut bad = pod_config("bad-dns", &logs);
+        bad.dns_config = Some(cri::DnsConfig { servers: vec!["dns.example".into()], ..Default::default() });
+        let e = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(bad), runtime_handler: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let mut bad = pod_config("bad-host", &logs);
+        bad.hostname = "two words".into();
+        let e = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(bad), runtime_handler: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
         // The main container: output on both streams, a partial line, and
         // two host volumes, one read-only.
@@ -312,6 +366,7 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
         assert_eq!(String::from_utf8_lossy(&r.stdout), "yes\n/home/app\n0\n");
         assert_eq!(String::from_utf8_lossy(&r.stderr), "oops\n");
         assert_eq!(r.exit_code, 3);
+        assert_pod_files(&mut rt, &id, "web").await;
         let r = exec(&mut rt, &id, &["cat", "/data/file"], 10).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&r.stdout), "host data\n");
         let r = exec(&mut rt, &id, &["touch", "/data/new"], 10).await.unwrap();
@@ -514,13 +569,7 @@ fn log_rotation_loses_nothing() {
     let logs = setup.dir.join("pod-logs");
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec { image: setup.image.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        pull(&mut images, &setup.image).await;
         let pod = run_pod(&mut rt, "rotate", &logs).await;
         // A fast writer, in bursts of 200 lines, still writing when the
         // log is rotated.
@@ -563,16 +612,7 @@ fn daemon_kill_9_keeps_containers_running_and_logging() {
     let logs = setup.dir.join("pod-logs");
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: setup.image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        pull(&mut images, &setup.image).await;
         let pod = run_pod(&mut rt, "survivor", &logs).await;
         let ticker = create(
             &mut rt,
@@ -701,16 +741,7 @@ fn microvm_container_runs_from_its_image_and_sees_its_volumes() {
     std::fs::write(data.join("file"), "v1\n").unwrap();
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: setup.image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        pull(&mut images, &setup.image).await;
         let t0 = Instant::now();
         let pod = run_pod_with(&mut rt, "vm", &logs, "vmcri").await;
         eprintln!("microVM pod ready in {:?}", t0.elapsed());
@@ -779,6 +810,7 @@ fn microvm_container_runs_from_its_image_and_sees_its_volumes() {
             let f = std::fs::read_to_string(l.path().join("etc/image-file")).unwrap();
             assert_eq!(f, "from the image\n", "the shared layer was modified");
         }
+        assert_pod_files(&mut rt.clone(), &id, "vm").await;
         let r = run("cat /data/file").await;
         assert_eq!(String::from_utf8_lossy(&r.stdout), "v1\n");
         let r = run("touch /data/new").await;

@@ -135,6 +135,24 @@ pub fn mount_shared() -> io::Result<bool> {
     Ok(true)
 }
 
+/// Sets the hostname the runtime put on the kernel command line
+/// (`vmcri.hostname=NAME`); none there leaves the kernel's.
+pub fn hostname_from_cmdline() -> io::Result<()> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+    let Some(name) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("vmcri.hostname="))
+        .filter(|n| !n.is_empty())
+    else {
+        return Ok(());
+    };
+    // SAFETY: a valid buffer and its length.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Brings `lo` up with an ioctl (no netlink needed for one flag).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: socket(2) with constant arguments.

@@ -86,6 +86,7 @@ fn run(pid1: bool, ns_init: bool, args: &Args) -> Result<()> {
     if pid1 {
         init::leave_initramfs().context("moving the root off the initramfs")?;
         init::mount_filesystems().context("mounting boot filesystems")?;
+        init::hostname_from_cmdline().context("setting the pod's hostname")?;
         match init::mount_shared() {
             Ok(true) => {}
             Ok(false) => eprintln!("vmcri-agent: no virtio-fs share; containers cannot start"),

@@ -185,7 +185,9 @@ impl Backends {
                     .arg(rec.dir.join("console.log"))
                     .arg("--shared-dir")
                     .arg(shared.path())
-                    .args(["--cmdline", "quiet"]);
+                    .arg("--cmdline")
+                    // The agent sets the guest's hostname from here.
+                    .arg(format!("quiet vmcri.hostname={}", rec.hostname));
                 let p = process::spawn_detached(cmd, &log, || Ok(())).map_err(|source| {
                     BackendError::Spawn {
                         what: vmm.display().to_string(),

@@ -455,9 +455,22 @@ impl Containers {
             .config(&image)
             .map_err(|e| ContainerError::Io(format!("image {image_name}: {e}")))?;
         let id = new_id();
+        let microvm = sandbox.backend == Backend::Microvm;
+        let etc = crate::pod_files::host_dir(&sandbox.dir, microvm);
         let mut pod = PodContext {
             sandbox_id: sandbox_id.clone(),
-            etc_files: Vec::new(),
+            etc_files: crate::pod_files::FILES
+                .iter()
+                .filter(|(name, _)| etc.join(name).is_file())
+                .map(|(name, dest)| {
+                    let source = if microvm {
+                        format!("{}/etc/{name}", crate::shared::GUEST_SHARED)
+                    } else {
+                        etc.join(name).display().to_string()
+                    };
+                    (dest.to_string(), source)
+                })
+                .collect(),
             mount_sources: Vec::new(),
         };
         // Validate before anything is exposed to the guest.

@@ -225,19 +225,23 @@ fn stats_of(
     }
 }
 
-fn container_event(
-    ev: ContainerEvent,
-    sandbox: Option<SandboxRecord>,
-) -> cri::ContainerEventResponse {
-    let kind = match ev.kind {
+fn event_type(kind: EventKind) -> i32 {
+    let t = match kind {
         EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
         EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
         EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
         EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
     };
+    t as i32
+}
+
+fn container_event(
+    ev: ContainerEvent,
+    sandbox: Option<SandboxRecord>,
+) -> cri::ContainerEventResponse {
     cri::ContainerEventResponse {
         container_id: ev.record.id.clone(),
-        container_event_type: kind as i32,
+        container_event_type: event_type(ev.kind),
         created_at: ev.at_ns,
         pod_sandbox_status: sandbox.as_ref().map(sandbox_status),
         containers_statuses: vec![container_status(&ev.record)],
@@ -324,7 +328,18 @@ fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, Status> {
             config.log_directory
         )));
     }
-    if config.hostname.len() > 64 || config.hostname.contains('/') {
+    // RFC 1123 labels: the hostname also travels on the guest's kernel
+    // command line.
+    let valid_hostname = config.hostname.len() <= 64
+        && config
+            .hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if let Some(dns) = &config.dns_config {
+        crate::pod_files::validate_dns(dns)
+            .map_err(|e| Status::invalid_argument(format!("RunPodSandbox: {e}")))?;
+    }
+    if !valid_hostname {
         return Err(Status::invalid_argument(format!(
             "RunPodSandbox: invalid hostname {:?}",
             config.hostname
@@ -342,6 +357,7 @@ fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, Status> {
         handler: req.runtime_handler,
         hostname: config.hostname,
         log_directory: config.log_directory,
+        dns: config.dns_config,
     })
 }
 
@@ -354,15 +370,9 @@ fn matches_filter(rec: &SandboxRecord, f: &cri::PodSandboxFilter) -> bool {
 }
 
 fn event(ev: SandboxEvent) -> cri::ContainerEventResponse {
-    let kind = match ev.kind {
-        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
-        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
-        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
-        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
-    };
     cri::ContainerEventResponse {
         container_id: ev.record.id.clone(),
-        container_event_type: kind as i32,
+        container_event_type: event_type(ev.kind),
         created_at: ev.at_ns,
         pod_sandbox_status: Some(sandbox_status(&ev.record)),
         containers_statuses: Vec::new(),

@@ -7,6 +7,7 @@ pub mod container;
 pub mod cri;
 pub mod images;
 pub mod logs;
+pub mod pod_files;
 pub mod process;
 pub mod sandbox;
 pub mod shared;

@@ -79,6 +79,8 @@ pub struct RunRequest {
     pub hostname: String,
     /// Log directory.
     pub log_directory: String,
+    /// DNS for the pod's resolv.conf (the host's when absent).
+    pub dns: Option<k8s_cri::v1::DnsConfig>,
 }
 
 struct Entry {
@@ -250,7 +252,17 @@ impl Sandboxes {
             entries.insert(id.clone(), entry.clone());
         }
         // Persist before starting: a crash mid-boot leaves a NotReady record.
-        if let Err(e) = self.store.save(&rec) {
+        let etc = crate::pod_files::host_dir(&dir, rec.backend == crate::config::Backend::Microvm);
+        let saved = self.store.save(&rec).and_then(|()| {
+            crate::pod_files::write(&etc, &rec.hostname, req.dns.as_ref()).map_err(|source| {
+                StoreError::Io {
+                    path: etc.display().to_string(),
+                    source,
+                }
+            })
+        });
+        if let Err(e) = saved {
+            let _ = self.store.remove(&id);
             lock(&self.entries).remove(&id);
             return Err(e.into());
         }

@@ -48,6 +48,20 @@ fn mount(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> io::Result<
     Ok(())
 }
 
+/// Bind-mounts `src` (recursively) on `target`, read-only if asked; a
+/// failed remount leaves nothing mounted.
+fn bind(src: &Path, target: &Path, readonly: bool) -> io::Result<()> {
+    mount(Some(src), target, libc::MS_BIND | libc::MS_REC)?;
+    if readonly {
+        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+        if let Err(e) = mount(None, target, flags) {
+            let _ = unmount_all(target);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).
 fn unescape(field: &str) -> PathBuf {
     let b = field.as_bytes();
@@ -150,15 +164,7 @@ impl SharedDir {
         let target = self.host.join(&rel);
         if !is_mount_point(&target) {
             std::fs::create_dir_all(&target)?;
-            mount(Some(src), &target, libc::MS_BIND | libc::MS_REC)?;
-            if let Err(e) = mount(
-                None,
-                &target,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            ) {
-                let _ = unmount_all(&target);
-                return Err(e);
-            }
+            bind(src, &target, true)?;
         }
         Ok(Self::guest(&rel))
     }
@@ -182,17 +188,7 @@ impl SharedDir {
         } else {
             std::fs::File::create(&target)?;
         }
-        mount(Some(src), &target, libc::MS_BIND | libc::MS_REC)?;
-        if readonly {
-            if let Err(e) = mount(
-                None,
-                &target,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            ) {
-                let _ = unmount_all(&target);
-                return Err(e);
-            }
-        }
+        bind(src, &target, readonly)?;
         Ok(Self::guest(&rel))
     }
 

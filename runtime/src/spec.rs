@@ -120,9 +120,9 @@ pub enum SpecError {
 pub struct PodContext {
     /// Sandbox ID.
     pub sandbox_id: String,
-    /// Files the pod shares into containers: /etc/hosts, /etc/resolv.conf,
-    /// /etc/hostname (host paths), if the pod has them.
-    pub etc_files: Vec<(String, PathBuf)>,
+    /// Files the pod shares into containers: (container path, source as
+    /// the agent sees it) for /etc/hosts, /etc/resolv.conf, /etc/hostname.
+    pub etc_files: Vec<(String, String)>,
     /// Where each CRI mount's source is as the agent sees it (in a
     /// microVM, its path in the pod's share); empty: the host path.
     pub mount_sources: Vec<String>,
@@ -466,7 +466,8 @@ fn mounts(
         .map(|m| m.container_path.as_str())
         .collect();
     for (dest, src) in &pod.etc_files {
-        if user_paths.contains(&dest.as_str()) || !src.exists() {
+        // kubelet's own (managed /etc/hosts) wins.
+        if user_paths.contains(&dest.as_str()) {
             continue;
         }
         let mut options = vec!["rbind", "rprivate"];

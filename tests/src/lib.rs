@@ -174,6 +174,22 @@ impl Drop for Scratch {
     }
 }
 
+/// A gRPC channel over the Unix socket at `path`.
+pub async fn unix_channel(path: &Path) -> tonic::transport::Channel {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect to a gRPC Unix socket")
+}
+
 /// A `vmcri serve` under test, on its own socket and state root, killed
 /// when dropped (its pods are left to the test).
 pub struct Daemon {
@@ -232,18 +248,7 @@ impl Daemon {
 
     /// A channel to its CRI socket.
     pub async fn channel(&self) -> tonic::transport::Channel {
-        let path = self.socket.clone();
-        tonic::transport::Endpoint::from_static("http://vmcri")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .expect("connect to the CRI socket")
+        unix_channel(&self.socket).await
     }
 }
 

@@ -192,7 +192,7 @@ pub fn layout_layers(dir: &Path, layers: &[&[Entry]], config: &str) -> PathBuf {
 /// Applets the busybox test image links.
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "ls", "id", "env", "pwd", "hostname", "touch", "mkdir", "yes",
-    "head", "true", "false", "kill", "ps", "wc", "seq", "grep",
+    "head", "true", "false", "kill", "ps", "wc", "seq", "grep", "rm", "dd",
 ];
 
 /// A busybox image layout from Debian's busybox-static, with an `app`

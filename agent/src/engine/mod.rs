@@ -246,13 +246,8 @@ impl Engine {
             }
         })?;
         let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
-        let lc = ContainerBuilder::new(id.to_string(), SyscallType::default())
-            .with_executor(DefaultExecutor {})
-            .with_root_path(&self.lc_root)
-            .map_err(|e| EngineError::Failed(format!("libcontainer root: {e}")))?
-            .with_stdin(child.stdin)
-            .with_stdout(child.stdout)
-            .with_stderr(child.stderr)
+        let lc = self
+            .builder(id, child)?
             .as_init(dir)
             .with_systemd(false)
             .with_detach(true)
@@ -263,6 +258,23 @@ impl Engine {
             .ok_or_else(|| EngineError::Failed("libcontainer reported no init PID".into()))?;
         let init = Proc::track(pid.as_raw(), host).map_err(failed("tracking init"))?;
         Ok((lc, init))
+    }
+
+    /// A libcontainer builder for container `id` with `child` as stdio.
+    fn builder(
+        &self,
+        id: &str,
+        child: process::ChildStdio,
+    ) -> Result<ContainerBuilder, EngineError> {
+        Ok(
+            ContainerBuilder::new(id.to_string(), SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(&self.lc_root)
+                .map_err(|e| EngineError::Failed(format!("libcontainer root: {e}")))?
+                .with_stdin(child.stdin)
+                .with_stdout(child.stdout)
+                .with_stderr(child.stderr),
+        )
     }
 
     /// Starts a created container's process.
@@ -380,13 +392,8 @@ impl Engine {
             }
         }
         let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
-        let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
-            .with_executor(DefaultExecutor {})
-            .with_root_path(&self.lc_root)
-            .map_err(|e| EngineError::Failed(format!("libcontainer root: {e}")))?
-            .with_stdin(child.stdin)
-            .with_stdout(child.stdout)
-            .with_stderr(child.stderr)
+        let pid = self
+            .builder(id, child)?
             .as_tenant()
             .with_container_args(args)
             .with_env(env)
