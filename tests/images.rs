@@ -8,7 +8,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 use tonic::Code;
-use vmcri_tests::registry::{layout, push, start_registry, Entry};
+use vmcri_tests::registry::{layout, push, push_as, start_registry, start_registry_with, Entry};
 use vmcri_tests::{Daemon, Scratch};
 
 /// Writes a one-layer OCI image layout (a file and the config's user) and
@@ -288,5 +288,80 @@ fn an_unreadable_configured_ca_fails_the_pull_clearly() {
             "{}",
             e.message()
         );
+    });
+}
+
+/// A registry behind htpasswd basic auth: the right credentials pull (as
+/// username/password or as the base64 `auth` field), missing or wrong
+/// ones are Unauthenticated, and a registry token is refused as
+/// unimplemented rather than ignored.
+#[test]
+fn htpasswd_auth_accepts_the_right_password_and_refuses_others() {
+    let scratch = Scratch::new("images-auth").unwrap();
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let htpasswd = scratch.0.join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let registry = start_registry_with(&scratch.0, Some(&htpasswd));
+    let layout = build_layout(&scratch.0, b"behind a password\n");
+    push_as(&layout, registry.port, "private/app", Some("alice:s3cret"));
+    let daemon = start_daemon(&scratch.0, "");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut img = client(&daemon).await;
+        let name = format!("127.0.0.1:{}/private/app:v1", registry.port);
+        let with = |auth: Option<cri::AuthConfig>| cri::PullImageRequest {
+            auth,
+            ..pull_req(&name)
+        };
+        let user_pass = |user: &str, pass: &str| {
+            Some(cri::AuthConfig {
+                username: user.into(),
+                password: pass.into(),
+                ..Default::default()
+            })
+        };
+        let e = img.pull_image(with(None)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        let e = img
+            .pull_image(with(user_pass("alice", "wrong")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        let e = img
+            .pull_image(with(Some(cri::AuthConfig {
+                registry_token: "opaque".into(),
+                ..Default::default()
+            })))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+        // Nothing of the refused pulls stayed behind.
+        assert!(img
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .is_empty());
+
+        img.pull_image(with(user_pass("alice", "s3cret")))
+            .await
+            .expect("pull with username and password");
+        img.remove_image(cri::RemoveImageRequest { image: spec(&name) })
+            .await
+            .unwrap();
+        let auth = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+        };
+        img.pull_image(with(Some(cri::AuthConfig {
+            auth,
+            ..Default::default()
+        })))
+        .await
+        .expect("pull with the base64 auth field");
     });
 }

@@ -99,7 +99,7 @@ pub struct ContainerRecord {
     pub gid: u32,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
-    /// The process's environment (exec processes inherit it in the agent).
+    /// Whether it has a stdin (always false until attach lands).
     #[serde(default)]
     pub stdin: bool,
 }
@@ -250,6 +250,26 @@ fn expose(
     result.map_err(|e| {
         let _ = shared.release_container(id);
         ContainerError::Io(format!("exposing the container's files to its VM: {e}"))
+    })
+}
+
+/// AlreadyExists if sandbox `sandbox_id` has a container with `meta`'s
+/// name and attempt.
+fn taken(
+    entries: &HashMap<String, Arc<Entry>>,
+    sandbox_id: &str,
+    meta: &cri::ContainerMetadata,
+) -> Option<ContainerError> {
+    entries.values().find_map(|e| {
+        let r = lock(&e.record);
+        (r.sandbox_id == sandbox_id && r.name == meta.name && r.attempt == meta.attempt).then(
+            || {
+                ContainerError::Exists(format!(
+                "a container named {} (attempt {}) already exists in pod sandbox {sandbox_id}: {}",
+                meta.name, meta.attempt, r.id
+            ))
+            },
+        )
     })
 }
 
@@ -455,6 +475,9 @@ impl Containers {
             .config(&image)
             .map_err(|e| ContainerError::Io(format!("image {image_name}: {e}")))?;
         let id = new_id();
+        if let Some(e) = taken(&lock(&self.entries), &sandbox_id, &meta) {
+            return Err(e);
+        }
         let microvm = sandbox.backend == Backend::Microvm;
         let etc = crate::pod_files::host_dir(&sandbox.dir, microvm);
         let mut pod = PodContext {
@@ -477,7 +500,7 @@ impl Containers {
         let mut built = spec::build(&id, &config, &image_config, &layers, &pod)?;
         let mut agent_layers: Vec<String> =
             layers.iter().map(|p| p.display().to_string()).collect();
-        if sandbox.backend == Backend::Microvm {
+        if microvm {
             let (guest_layers, sources) = expose(&sandbox, &id, &image, &layers, &config)?;
             agent_layers = guest_layers;
             pod.mount_sources = sources;
@@ -519,16 +542,12 @@ impl Containers {
         // the same metadata fails instead of racing.
         let entry = {
             let mut entries = lock(&self.entries);
-            if let Some(e) = entries.values().find(|e| {
-                let r = lock(&e.record);
-                r.sandbox_id == sandbox_id && r.name == meta.name && r.attempt == meta.attempt
-            }) {
-                return Err(ContainerError::Exists(format!(
-                    "a container named {} (attempt {}) already exists in pod sandbox {sandbox_id}: {}",
-                    meta.name,
-                    meta.attempt,
-                    lock(&e.record).id
-                )));
+            if let Some(e) = taken(&entries, &sandbox_id, &meta) {
+                drop(entries);
+                if microvm {
+                    let _ = SharedDir::new(sandbox.dir.join("shared")).release_container(&id);
+                }
+                return Err(e);
             }
             let (exited, _) = watch::channel(false);
             let entry = Arc::new(Entry {

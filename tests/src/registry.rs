@@ -41,12 +41,24 @@ impl Drop for Registry {
 
 /// Starts a registry storing its data in `dir`.
 pub fn start_registry(dir: &Path) -> Registry {
+    start_registry_with(dir, None)
+}
+
+/// Starts a registry that, given an htpasswd file (bcrypt), demands
+/// basic auth for everything.
+pub fn start_registry_with(dir: &Path, htpasswd: Option<&Path>) -> Registry {
     let port = free_port();
     let config = dir.join("registry.yml");
+    let auth = htpasswd.map_or(String::new(), |p| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: vmcri-test\n    path: {}\n",
+            p.display()
+        )
+    });
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
             dir.join("registry-data").display()
         ),
     )
@@ -71,13 +83,22 @@ pub fn start_registry(dir: &Path) -> Registry {
 
 /// Pushes tag `v1` of the layout to `127.0.0.1:<port>/<repo>:v1`.
 pub fn push(layout: &Path, port: u16, repo: &str) {
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--preserve-digests",
-        ])
+    push_as(layout, port, repo, None)
+}
+
+/// [`push`] with `user:password` credentials.
+pub fn push_as(layout: &Path, port: u16, repo: &str, creds: Option<&str>) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+    ]);
+    if let Some(c) = creds {
+        cmd.arg("--dest-creds").arg(c);
+    }
+    let out = cmd
         .arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://127.0.0.1:{port}/{repo}:v1"))
         .output()

@@ -106,6 +106,20 @@ pub async fn pull(
     })
 }
 
+/// True when the registry refused who we are (missing or wrong
+/// credentials, or no access), as opposed to failing.
+fn refused_credentials(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode};
+    match e {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => true,
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|x| matches!(x.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
+        _ => false,
+    }
+}
+
 async fn pull_from(
     store: &ContentStore,
     reference: &Reference,
@@ -161,10 +175,7 @@ async fn pull_from(
     let name = reference.to_string();
     let registry_err = |e: oci_client::errors::OciDistributionError| {
         let text = e.to_string();
-        if text.contains("401")
-            || text.to_lowercase().contains("unauthorized")
-            || text.to_lowercase().contains("authentication")
-        {
+        if refused_credentials(&e) {
             PullError::Unauthorized {
                 reference: name.clone(),
                 why: text,
@@ -276,4 +287,29 @@ async fn pull_from(
         size,
         blobs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_client::errors::OciDistributionError as E;
+
+    #[test]
+    fn refused_credentials_are_told_from_failures() {
+        assert!(refused_credentials(&E::UnauthorizedError {
+            url: "http://r/v2/x/manifests/v1".into()
+        }));
+        assert!(refused_credentials(&E::AuthenticationFailure(
+            "bad token".into()
+        )));
+        let envelope: oci_client::errors::OciEnvelope =
+            serde_json::from_str(r#"{"errors":[{"code":"DENIED","message":"no"}]}"#).unwrap();
+        assert!(refused_credentials(&E::RegistryError {
+            envelope,
+            url: "u".into()
+        }));
+        assert!(!refused_credentials(&E::ImageManifestNotFoundError(
+            "x".into()
+        )));
+    }
 }
