@@ -8,7 +8,9 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 use tonic::Code;
-use vmcri_tests::registry::{layout, push, push_as, start_registry, start_registry_with, Entry};
+use vmcri_tests::registry::{
+    layout, push, push_as, sha256_hex, start_registry, start_registry_with, Entry,
+};
 use vmcri_tests::{Daemon, Scratch};
 
 /// Writes a one-layer OCI image layout (a file and the config's user) and
@@ -363,5 +365,88 @@ fn htpasswd_auth_accepts_the_right_password_and_refuses_others() {
         })))
         .await
         .expect("pull with the base64 auth field");
+    });
+}
+
+/// `vmcri images prune`, beside a running daemon: content no image uses
+/// and leftovers of interrupted pulls go; the pulled image keeps its blobs
+/// and layers.
+#[test]
+fn prune_keeps_what_images_use_and_deletes_the_rest() {
+    let scratch = Scratch::new("images-prune").unwrap();
+    let registry = start_registry(&scratch.0);
+    let layout = build_layout(&scratch.0, b"kept\n");
+    push(&layout, registry.port, "test/kept");
+    let daemon = start_daemon(&scratch.0, "");
+    let root = scratch.0.join("root");
+    let content = root.join("content");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = format!("127.0.0.1:{}/test/kept:v1", registry.port);
+    rt.block_on(async {
+        let mut img = client(&daemon).await;
+        img.pull_image(pull_req(&name)).await.unwrap();
+    });
+    let kept_blobs = std::fs::read_dir(content.join("blobs/sha256"))
+        .unwrap()
+        .count();
+    // Layer directories (not the per-layer unpack locks beside them).
+    let kept_layers: Vec<_> = std::fs::read_dir(content.join("layers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    assert!(!kept_layers.is_empty());
+    // An unreferenced (but valid) blob, a half-downloaded one, and a
+    // half-unpacked layer.
+    let junk = b"nobody uses me";
+    let junk_blob = content.join("blobs/sha256").join(sha256_hex(junk));
+    std::fs::write(&junk_blob, junk).unwrap();
+    std::fs::write(content.join("tmp/download-in-progress"), b"partial").unwrap();
+    std::fs::create_dir_all(content.join("layers/.abc.partial/etc")).unwrap();
+
+    let out = std::process::Command::new(&vmcri_tests::artifacts().vmcri)
+        .args(["images", "prune", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("deleted 1 blobs"), "{said}");
+
+    assert!(!junk_blob.exists());
+    assert!(!content.join("tmp/download-in-progress").exists());
+    assert!(!content.join("layers/.abc.partial").exists());
+    assert_eq!(
+        std::fs::read_dir(content.join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        kept_blobs
+    );
+    for l in &kept_layers {
+        assert!(
+            l.join("etc/hello.txt").exists(),
+            "{} was pruned",
+            l.display()
+        );
+    }
+    rt.block_on(async {
+        let mut img = client(&daemon).await;
+        let st = img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&name),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.image.is_some(), "the image survived the prune");
     });
 }

@@ -134,6 +134,7 @@ impl Images {
     ) -> Result<String, ImageError> {
         let reference = Reference::parse(image)?;
         let _one = self.pulling.lock().await;
+        let _store = self.lock_store().await?;
         let pulled = pull::pull(
             &self.store,
             &reference,
@@ -242,6 +243,7 @@ impl Images {
         };
         // No pull may add references while unreferenced content goes.
         let _no_pulls = self.pulling.lock().await;
+        let _store = self.lock_store().await?;
         let mut records = lock(&self.records);
         let norm = Reference::parse(image).ok().map(|r| r.to_string());
         let by_tag = norm.as_ref().is_some_and(|n| rec.repo_tags.contains(n));
@@ -262,6 +264,19 @@ impl Images {
         Ok(())
     }
 
+    /// The content store's cross-process lock, taken off the async
+    /// threads (a prune in another process may hold it for a while).
+    async fn lock_store(&self) -> Result<std::fs::File, ImageError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.lock())
+            .await
+            .map_err(|e| ImageError::Io {
+                path: "content store lock".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(ImageError::from)
+    }
+
     fn gc(&self, records: &BTreeMap<String, ImageRecord>) -> Result<GcStats, ImageError> {
         let parse = |s: &String| Digest::parse(s).ok();
         let blobs: BTreeSet<Digest> = records
@@ -273,6 +288,19 @@ impl Images {
             .flat_map(|r| r.chain.iter().filter_map(parse))
             .collect();
         Ok(self.store.gc(&blobs, &layers)?)
+    }
+
+    /// Deletes content no image references, with leftovers of interrupted
+    /// pulls, under the state root `root`; safe while a daemon runs there
+    /// (`vmcri images prune`).
+    pub fn prune(root: &Path) -> Result<GcStats, ImageError> {
+        let this = Images::open(root, BTreeMap::new())?;
+        let _store = this.store.lock()?;
+        // Read the table again under the lock: a pull that finished while
+        // we waited has recorded its image by now.
+        let fresh = Images::open(root, BTreeMap::new())?;
+        let records = lock(&fresh.records).clone();
+        fresh.gc(&records)
     }
 
     /// (bytes, inodes) used by the content store, and its path.

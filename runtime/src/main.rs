@@ -50,6 +50,25 @@ enum Command {
     },
     /// Print the embedded default configuration, with every key documented.
     Config,
+    /// Manage the image store.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// Delete blobs and layers no image references, and leftovers of
+    /// interrupted pulls. Safe while `vmcri serve` runs on the same root.
+    Prune {
+        /// TOML configuration (for its state root).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State root (overrides the configuration).
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -64,6 +83,19 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Config => {
             print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Images {
+            command: ImagesCommand::Prune { config, root },
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let root = root.unwrap_or(cfg.root);
+            let stats = Images::prune(&root)
+                .with_context(|| format!("pruning the image store under {}", root.display()))?;
+            println!(
+                "deleted {} blobs and {} unpacked layers",
+                stats.blobs, stats.layers
+            );
             Ok(())
         }
         Command::Serve {

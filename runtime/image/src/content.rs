@@ -157,6 +157,31 @@ impl ContentStore {
         })
     }
 
+    /// Takes the store's exclusive lock (blocking), held until the file is
+    /// dropped: pulls and garbage collection take it, so a collection in
+    /// another process (`vmcri images prune`) never deletes what a pull in
+    /// the daemon is writing.
+    pub fn lock(&self) -> Result<fs::File, ContentError> {
+        use std::os::fd::AsRawFd;
+        let path = self.root.join("lock");
+        let f = fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(format!("open {}", path.display())))?;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(f);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_at(format!("lock {}", path.display()))(e));
+            }
+        }
+    }
+
     /// A fresh path for a download in progress (not yet verified).
     pub fn scratch_path(&self) -> PathBuf {
         unique_in(&self.root.join("tmp"))
