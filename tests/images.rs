@@ -450,3 +450,106 @@ fn prune_keeps_what_images_use_and_deletes_the_rest() {
         assert!(st.image.is_some(), "the image survived the prune");
     });
 }
+
+/// The layer digests of the layout's manifest, lowest first.
+fn layer_digests(layout: &Path) -> Vec<String> {
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(manifest_digest)).unwrap()).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect()
+}
+
+/// A pull that fails part-way (a layer the registry cannot serve) keeps
+/// the verified blobs it got, records no image, and the next pull resumes
+/// from them instead of downloading them again.
+#[test]
+fn an_interrupted_pull_resumes_from_the_blobs_it_verified() {
+    use std::os::unix::fs::MetadataExt;
+    let scratch = Scratch::new("images-resume").unwrap();
+    let registry = start_registry(&scratch.0);
+    let big: Vec<u8> = (0..(2 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let layers: [&[Entry]; 3] = [
+        &[Entry::File("one", &big, 0o644)],
+        &[Entry::File("two", b"second layer", 0o644)],
+        &[Entry::File("three", b"third layer", 0o644)],
+    ];
+    let layout = vmcri_tests::registry::layout_layers(&scratch.0, &layers, "{}");
+    push(&layout, registry.port, "test/resume");
+    let digests = layer_digests(&layout);
+    // The registry loses the last layer for a while.
+    let last = &digests[2];
+    let stored = scratch
+        .0
+        .join("registry-data/docker/registry/v2/blobs/sha256")
+        .join(&last[..2])
+        .join(last)
+        .join("data");
+    let aside = scratch.0.join("aside");
+    std::fs::rename(&stored, &aside).unwrap();
+    let daemon = start_daemon(&scratch.0, "");
+    let blobs = scratch.0.join("root/content/blobs/sha256");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = format!("127.0.0.1:{}/test/resume:v1", registry.port);
+    rt.block_on(async {
+        let mut img = client(&daemon).await;
+        let e = img.pull_image(pull_req(&name)).await.unwrap_err();
+        assert_ne!(e.code(), Code::Ok, "{e:?}");
+        assert!(img
+            .image_status(cri::ImageStatusRequest {
+                image: spec(&name),
+                verbose: false
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .is_none());
+    });
+    let kept: Vec<(String, u64)> = digests[..2]
+        .iter()
+        .filter_map(|d| {
+            std::fs::metadata(blobs.join(d))
+                .ok()
+                .map(|m| (d.clone(), m.ino()))
+        })
+        .collect();
+    assert!(!kept.is_empty(), "no verified layer was kept for the retry");
+    assert!(!blobs.join(last).exists());
+
+    std::fs::rename(&aside, &stored).unwrap();
+    rt.block_on(async {
+        let mut img = client(&daemon).await;
+        img.pull_image(pull_req(&name))
+            .await
+            .expect("the retry pulls");
+    });
+    for (d, ino) in kept {
+        assert_eq!(
+            std::fs::metadata(blobs.join(&d)).unwrap().ino(),
+            ino,
+            "blob {d} was downloaded again"
+        );
+    }
+    assert!(blobs.join(last).exists());
+}
