@@ -16,7 +16,9 @@
 //! sends: we refuse them before they reach it, so no guest request can
 //! walk up from anything it was given.
 
-use super::virtio_mmio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::virtio_mmio::{
+    read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -239,14 +241,7 @@ impl VirtioDevice for FsDevice {
         let mut config = [0u8; TAG_LEN + 4];
         config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = start
-                .checked_add(i)
-                .and_then(|j| config.get(j))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(

@@ -128,6 +128,18 @@ impl VirtioInterrupt {
     }
 }
 
+/// Copies the config space bytes at `offset` into `data`; bytes past the
+/// end read as zero (the guest chooses offset and width).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (4 = entropy, 19 = vsock, 26 = fs, ...).
