@@ -414,6 +414,18 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
         let u = st.user.unwrap().linux.unwrap();
         assert_eq!((u.uid, u.gid), (1000, 1000));
 
+        // A container past its memory limit is OOM-killed, and says so.
+        let mut hog = container("hog", &setup.image, &["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]);
+        hog.linux = Some(cri::LinuxContainerConfig {
+            resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 32 << 20, ..Default::default() }),
+            ..Default::default()
+        });
+        let hog = create(&mut rt, &pod, hog, &logs).await.unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: hog.clone() }).await.unwrap();
+        let st = wait_state(&mut rt, &hog, cri::ContainerState::ContainerExited).await;
+        assert_eq!((st.reason.as_str(), st.exit_code), ("OOMKilled", 137), "{st:?}");
+        rt.remove_container(cri::RemoveContainerRequest { container_id: hog }).await.unwrap();
+
         // A container that exits by itself.
         let quick = create(&mut rt, &pod, container("quick", &setup.image, &["sh", "-c", "echo bye; exit 7"]), &logs).await.unwrap();
         rt.start_container(cri::StartContainerRequest { container_id: quick.clone() }).await.unwrap();

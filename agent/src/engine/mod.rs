@@ -94,6 +94,18 @@ fn failed(what: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     move |e| EngineError::Failed(format!("{what}: {e}"))
 }
 
+/// On nested kvm-pvm hosts (`vmcri_pvm` on the kernel command line) the
+/// guest kernel saves only SSE state while user code runs AVX natively, so
+/// two processes using AVX corrupt each other (a container's `sleep` died
+/// of SIGSEGV during an exec). glibc then gets told to keep to SSE; other
+/// runtimes and bare-metal hosts are unaffected.
+fn nested_avx_workaround() -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline.split_whitespace().any(|w| w == "vmcri_pvm").then(|| {
+        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load".to_string()
+    })
+}
+
 /// Container IDs become directory names: keep them to what libcontainer
 /// and the host runtime generate.
 fn check_id(kind: &str, id: &str) -> Result<(), EngineError> {
@@ -179,6 +191,15 @@ impl Engine {
             .build()
             .map_err(|e| EngineError::Invalid(format!("OCI root: {e}")))?;
         spec.set_root(Some(root));
+        if let Some(tunable) = nested_avx_workaround() {
+            if let Some(p) = spec.process_mut() {
+                let mut env = p.env().clone().unwrap_or_default();
+                if !env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")) {
+                    env.push(tunable);
+                }
+                p.set_env(Some(env));
+            }
+        }
         let cgroup = spec
             .linux()
             .as_ref()
@@ -363,7 +384,7 @@ impl Engine {
         id: &str,
         exec_id: &str,
         args: Vec<String>,
-        env: HashMap<String, String>,
+        mut env: HashMap<String, String>,
         cwd: Option<PathBuf>,
         stdin: bool,
     ) -> Result<u32, EngineError> {
@@ -389,6 +410,11 @@ impl Engine {
                 return Err(EngineError::State(format!(
                     "container {id} has {MAX_EXECS} unwaited execs"
                 )));
+            }
+        }
+        if let Some(t) = nested_avx_workaround() {
+            if let Some((k, v)) = t.split_once('=') {
+                env.entry(k.to_string()).or_insert_with(|| v.to_string());
             }
         }
         let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
