@@ -14,7 +14,6 @@ use crate::store::{SandboxRecord, SandboxState};
 use k8s_cri::v1 as cri;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -202,13 +201,8 @@ fn save_record(sandbox_dir: &Path, rec: &ContainerRecord) -> Result<(), Containe
     let path = record_path(sandbox_dir, &rec.id);
     let dir = path.parent().unwrap_or(sandbox_dir);
     std::fs::create_dir_all(dir).map_err(io("container records"))?;
-    let tmp = path.with_extension("json.tmp");
     let data = serde_json::to_vec_pretty(rec).map_err(|e| ContainerError::Io(e.to_string()))?;
-    let mut f = std::fs::File::create(&tmp).map_err(io("container record"))?;
-    f.write_all(&data).map_err(io("container record"))?;
-    f.sync_all().map_err(io("container record"))?;
-    std::fs::rename(&tmp, &path).map_err(io("container record"))?;
-    Ok(())
+    crate::store::write_atomically(&path, &data).map_err(io("container record"))
 }
 
 /// A log path relative to the pod's log directory, refusing escapes.

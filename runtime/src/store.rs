@@ -96,6 +96,24 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Replaces `path` with `data` so that a crash at any moment leaves the
+/// old or the new content, never a torn file: write a sibling, fsync it,
+/// rename it over `path`, fsync the directory.
+pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    // Make the rename itself durable.
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.display().to_string(),
@@ -125,17 +143,8 @@ impl Store {
         let dir = self.sandbox_dir(&rec.id);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = self.record_path(&rec.id);
-        let tmp = path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(rec)?;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_atomically(&path, &data).map_err(io_err(&path))
     }
 
     /// Removes sandbox `id`'s record and directory.
