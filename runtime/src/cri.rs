@@ -687,18 +687,18 @@ impl RuntimeService for Cri {
         req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
         let f = req.into_inner().filter.unwrap_or_default();
+        let filter = cri::ContainerFilter {
+            id: f.id,
+            pod_sandbox_id: f.pod_sandbox_id,
+            label_selector: f.label_selector,
+            state: None,
+        };
+        // Exited containers have no cgroup left to read.
         let records: Vec<ContainerRecord> = self
             .containers
             .list()
             .into_iter()
-            .filter(|r| {
-                (f.id.is_empty() || r.id.starts_with(&f.id))
-                    && (f.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&f.pod_sandbox_id))
-                    && f.label_selector
-                        .iter()
-                        .all(|(k, v)| r.labels.get(k) == Some(v))
-                    && r.state != ContainerState::Exited
-            })
+            .filter(|r| container_matches(r, &filter) && r.state != ContainerState::Exited)
             .collect();
         let mut by_sandbox: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in &records {
@@ -744,13 +744,17 @@ impl RuntimeService for Cri {
         req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
         let f = req.into_inner().filter.unwrap_or_default();
+        let filter = cri::PodSandboxFilter {
+            id: f.id,
+            label_selector: f.label_selector,
+            // Only running pods have stats to read.
+            state: Some(cri::PodSandboxStateValue {
+                state: cri::PodSandboxState::SandboxReady as i32,
+            }),
+        };
         let mut stats = Vec::new();
         for rec in self.sandboxes.list() {
-            let wanted = (f.id.is_empty() || rec.id.starts_with(&f.id))
-                && f.label_selector
-                    .iter()
-                    .all(|(k, v)| rec.labels.get(k) == Some(v));
-            if !wanted || rec.state != SandboxState::Ready {
+            if !matches_filter(&rec, &filter) {
                 continue;
             }
             // One unreachable pod must not hide the others' stats.
