@@ -99,11 +99,18 @@ fn failed(what: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 /// two processes using AVX corrupt each other (a container's `sleep` died
 /// of SIGSEGV during an exec). glibc then gets told to keep to SSE; other
 /// runtimes and bare-metal hosts are unaffected.
-fn nested_avx_workaround() -> Option<String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline.split_whitespace().any(|w| w == "vmcri_pvm").then(|| {
-        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load".to_string()
-    })
+/// The variable is set once per boot: the command line is read at the
+/// first container, not at every create and exec.
+fn nested_avx_workaround() -> Option<(&'static str, &'static str)> {
+    static NESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let nested = NESTED.get_or_init(|| {
+        std::fs::read_to_string("/proc/cmdline")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "vmcri_pvm"))
+    });
+    nested.then_some((
+        "GLIBC_TUNABLES",
+        "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load",
+    ))
 }
 
 /// Container IDs become directory names: keep them to what libcontainer
@@ -191,14 +198,12 @@ impl Engine {
             .build()
             .map_err(|e| EngineError::Invalid(format!("OCI root: {e}")))?;
         spec.set_root(Some(root));
-        if let Some(tunable) = nested_avx_workaround() {
-            if let Some(p) = spec.process_mut() {
-                let mut env = p.env().clone().unwrap_or_default();
-                if !env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")) {
-                    env.push(tunable);
-                }
-                p.set_env(Some(env));
+        if let (Some((key, value)), Some(p)) = (nested_avx_workaround(), spec.process_mut()) {
+            let mut env = p.env().clone().unwrap_or_default();
+            if !env.iter().any(|e| e.starts_with(&format!("{key}="))) {
+                env.push(format!("{key}={value}"));
             }
+            p.set_env(Some(env));
         }
         let cgroup = spec
             .linux()
@@ -412,10 +417,9 @@ impl Engine {
                 )));
             }
         }
-        if let Some(t) = nested_avx_workaround() {
-            if let Some((k, v)) = t.split_once('=') {
-                env.entry(k.to_string()).or_insert_with(|| v.to_string());
-            }
+        if let Some((key, value)) = nested_avx_workaround() {
+            env.entry(key.to_string())
+                .or_insert_with(|| value.to_string());
         }
         let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
         let pid = self
