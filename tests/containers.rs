@@ -51,6 +51,17 @@ fn setup(s: &Scratch) -> Setup {
     }
 }
 
+/// Two host directories for volumes: `data` (with `file` holding
+/// `content`) and an empty `rw`.
+fn host_volumes(dir: &Path, content: &str) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    let rw = dir.join("rw");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(data.join("file"), content).unwrap();
+    (data, rw)
+}
+
 async fn clients(d: &Daemon) -> (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>) {
     let ch = d.channel().await;
     (
@@ -266,11 +277,7 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
     let s = Scratch::new("containers").unwrap();
     let setup = setup(&s);
     let logs = setup.dir.join("pod-logs");
-    let data = setup.dir.join("data");
-    let rw = setup.dir.join("rw");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::create_dir_all(&rw).unwrap();
-    std::fs::write(data.join("file"), "host data\n").unwrap();
+    let (data, rw) = host_volumes(&setup.dir, "host data\n");
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
         let mut events = rt
@@ -746,11 +753,7 @@ fn microvm_container_runs_from_its_image_and_sees_its_volumes() {
     let s = Scratch::new("containers-microvm").unwrap();
     let setup = setup(&s);
     let logs = setup.dir.join("pod-logs");
-    let data = setup.dir.join("data");
-    let rw = setup.dir.join("rw");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::create_dir_all(&rw).unwrap();
-    std::fs::write(data.join("file"), "v1\n").unwrap();
+    let (data, rw) = host_volumes(&setup.dir, "v1\n");
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
         pull(&mut images, &setup.image).await;

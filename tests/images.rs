@@ -41,6 +41,21 @@ fn spec(i: &str) -> Option<cri::ImageSpec> {
     })
 }
 
+/// ImageStatus of `image`.
+async fn status(
+    img: &mut ImageServiceClient<Channel>,
+    image: &str,
+    verbose: bool,
+) -> cri::ImageStatusResponse {
+    img.image_status(cri::ImageStatusRequest {
+        image: spec(image),
+        verbose,
+    })
+    .await
+    .expect("ImageStatus")
+    .into_inner()
+}
+
 fn pull_req(i: &str) -> cri::PullImageRequest {
     cri::PullImageRequest {
         image: spec(i),
@@ -111,14 +126,7 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
             .into_inner()
             .image_ref;
         assert_eq!(id2, id);
-        let st = img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(&by_digest),
-                verbose: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = status(&mut img, &by_digest, true).await;
         assert_eq!(st.image.unwrap().id, id);
         assert!(st.info["info"].contains("chain"));
 
@@ -131,14 +139,7 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
             .into_inner()
             .image_ref;
         assert_eq!(id3, id);
-        let st = img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(mirrored),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = status(&mut img, mirrored, false).await;
         let tags = st.image.unwrap().repo_tags;
         assert!(
             tags.contains(&mirrored.to_string()) && tags.contains(&name),
@@ -164,14 +165,7 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
         })
         .await
         .unwrap();
-        let st = img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(&name),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = status(&mut img, &name, false).await;
         assert_eq!(st.image.unwrap().repo_tags, vec![name.clone()]);
         img.remove_image(cri::RemoveImageRequest { image: spec(&name) })
             .await
@@ -192,14 +186,7 @@ fn pull_list_status_remove_by_tag_digest_and_mirror() {
         };
         assert_eq!(visible("layers"), 0);
         assert_eq!(visible("blobs/sha256"), 0);
-        let st = img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(&id),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = status(&mut img, &id, false).await;
         assert!(st.image.is_none());
         let fs = img
             .image_fs_info(cri::ImageFsInfoRequest {})
@@ -439,14 +426,7 @@ fn prune_keeps_what_images_use_and_deletes_the_rest() {
     }
     rt.block_on(async {
         let mut img = client(&daemon).await;
-        let st = img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(&name),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = status(&mut img, &name, false).await;
         assert!(st.image.is_some(), "the image survived the prune");
     });
 }
@@ -515,16 +495,7 @@ fn an_interrupted_pull_resumes_from_the_blobs_it_verified() {
         let mut img = client(&daemon).await;
         let e = img.pull_image(pull_req(&name)).await.unwrap_err();
         assert_ne!(e.code(), Code::Ok, "{e:?}");
-        assert!(img
-            .image_status(cri::ImageStatusRequest {
-                image: spec(&name),
-                verbose: false
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .image
-            .is_none());
+        assert!(status(&mut img, &name, false).await.image.is_none());
     });
     let kept: Vec<(String, u64)> = digests[..2]
         .iter()
