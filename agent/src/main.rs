@@ -2,6 +2,7 @@
 //! the agent API over vsock (or a Unix socket for tests without a VM).
 
 mod engine;
+mod forward;
 mod init;
 mod service;
 mod transport;

@@ -1,7 +1,7 @@
 //! The agent API implementation: guest info, health, the transport probe,
-//! shutdown, and the container RPCs over [`crate::engine`]. Sandbox
-//! networking, TTYs and port-forward answer `Unimplemented` until their
-//! issues land.
+//! shutdown, port forwarding, and the container RPCs over
+//! [`crate::engine`]. Sandbox networking answers `Unimplemented` until its
+//! issue lands.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use vmcri_proto::agent::v1::agent_server::Agent;
 use vmcri_proto::AGENT_API_VERSION;
 
 use crate::engine::{cgroup, process, Engine, EngineError};
+use crate::forward;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -212,15 +213,11 @@ impl Agent for AgentService {
                 "CreateContainer: mounts belong in the OCI spec; the mounts field is reserved",
             ));
         }
-        if req.tty {
-            return Err(Status::unimplemented(
-                "CreateContainer: TTYs are not supported yet (the streaming issue brings them)",
-            ));
-        }
         let layers: Vec<PathBuf> = req.rootfs_layers.iter().map(PathBuf::from).collect();
         let pid = self
             .engine
-            .create(&req.container_id, &req.oci_spec_json, &layers, req.stdin)?;
+            .create(&req.container_id, &req.oci_spec_json, &layers, req.stdin)
+            .await?;
         Ok(Response::new(pb::CreateContainerResponse { pid }))
     }
 
@@ -280,11 +277,6 @@ impl Agent for AgentService {
         req: Request<pb::ExecProcessRequest>,
     ) -> Result<Response<pb::ExecProcessResponse>, Status> {
         let req = req.into_inner();
-        if req.tty {
-            return Err(Status::unimplemented(
-                "ExecProcess: TTYs are not supported yet (the streaming issue brings them)",
-            ));
-        }
         let env: HashMap<String, String> = req
             .env
             .iter()
@@ -296,14 +288,18 @@ impl Agent for AgentService {
             })
             .collect::<Result<_, _>>()?;
         let cwd = (!req.cwd.is_empty()).then(|| PathBuf::from(&req.cwd));
-        let pid = self.engine.exec(
-            &req.container_id,
-            &req.exec_id,
-            req.args,
-            env,
-            cwd,
-            req.stdin,
-        )?;
+        let pid = self
+            .engine
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                req.args,
+                env,
+                cwd,
+                req.tty,
+                req.stdin,
+            )
+            .await?;
         Ok(Response::new(pb::ExecProcessResponse { pid }))
     }
 
@@ -408,9 +404,19 @@ impl Agent for AgentService {
 
     async fn resize_tty(
         &self,
-        _: Request<pb::ResizeTtyRequest>,
+        req: Request<pb::ResizeTtyRequest>,
     ) -> Result<Response<pb::ResizeTtyResponse>, Status> {
-        Err(not_yet("ResizeTty"))
+        let req = req.into_inner();
+        let p = process_ref(req.process)?;
+        let dim = |v: u32, what: &str| {
+            u16::try_from(v).map_err(|_| {
+                Status::invalid_argument(format!("ResizeTty: {what} {v} exceeds 65535"))
+            })
+        };
+        let (rows, cols) = (dim(req.rows, "rows")?, dim(req.cols, "cols")?);
+        self.engine
+            .resize(&p.container_id, &p.exec_id, rows, cols)?;
+        Ok(Response::new(pb::ResizeTtyResponse {}))
     }
 
     async fn container_stats(
@@ -445,9 +451,26 @@ impl Agent for AgentService {
 
     async fn port_forward(
         &self,
-        _: Request<Streaming<pb::ForwardChunk>>,
+        req: Request<Streaming<pb::ForwardChunk>>,
     ) -> Result<Response<Self::PortForwardStream>, Status> {
-        Err(not_yet("PortForward"))
+        let mut inbound = req.into_inner();
+        let first = inbound.next().await.transpose()?.ok_or_else(|| {
+            Status::invalid_argument("PortForward: the stream ended before its port")
+        })?;
+        let port = u16::try_from(first.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("PortForward: port {} is not 1-65535", first.port))
+            })?;
+        let conn = forward::connect(port).await.map_err(|e| {
+            Status::unavailable(format!(
+                "connecting to localhost:{port} in the sandbox: {e}"
+            ))
+        })?;
+        Ok(Response::new(Box::pin(forward::relay(
+            conn, first, inbound,
+        ))))
     }
 
     async fn shutdown(

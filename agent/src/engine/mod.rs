@@ -7,6 +7,7 @@
 //! `libcontainer/<id>/` (libcontainer's own state).
 
 pub mod cgroup;
+pub mod console;
 pub mod process;
 pub mod reaper;
 pub mod rootfs;
@@ -18,13 +19,17 @@ use libcontainer::workload::default::DefaultExecutor;
 use oci_spec::runtime::{RootBuilder, Spec};
 use process::{Exit, Proc};
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 
 /// Most exec processes a container keeps before new ones are refused.
 const MAX_EXECS: usize = 256;
+/// How long a process on a terminal may take to send its master.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of engine operations; each maps to one gRPC status.
 #[derive(Debug, Error)]
@@ -71,8 +76,6 @@ pub struct Ended {
 struct Container {
     dir: PathBuf,
     cgroup: String,
-    /// The spec's working directory: execs start there too, as in runc.
-    cwd: PathBuf,
     lc: Mutex<LcContainer>,
     init: Arc<Proc>,
     started_at_ns: Mutex<i64>,
@@ -84,6 +87,11 @@ pub struct Engine {
     containers_dir: PathBuf,
     lc_root: PathBuf,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The directory console sockets live in, held open: sockets are
+    /// named through `/proc/self/fd/<it>/` because a state directory
+    /// deep on a host can exceed the 108 bytes of a socket address.
+    tty_dir: OwnedFd,
+    tty_seq: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,13 +144,63 @@ impl Engine {
     pub fn new(state_dir: &Path) -> std::io::Result<Engine> {
         let containers_dir = state_dir.join("containers");
         let lc_root = state_dir.join("libcontainer");
+        let tty_dir = state_dir.join("tty");
         std::fs::create_dir_all(&containers_dir)?;
         std::fs::create_dir_all(&lc_root)?;
+        std::fs::create_dir_all(&tty_dir)?;
+        let tty_dir = OwnedFd::from(std::fs::File::open(&tty_dir)?);
         Ok(Engine {
             containers_dir,
             lc_root,
             containers: Mutex::new(HashMap::new()),
+            tty_dir,
+            tty_seq: AtomicU64::new(0),
         })
+    }
+
+    /// A console socket for a new process on a terminal.
+    fn console_socket(&self) -> Result<console::ConsoleSocket, EngineError> {
+        let n = self.tty_seq.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!(
+            "/proc/self/fd/{}/{n}.sock",
+            self.tty_dir.as_raw_fd()
+        ));
+        console::ConsoleSocket::bind(&path).map_err(failed("console socket"))
+    }
+
+    /// Starts a process with libcontainer's `build` and tracks it, on a
+    /// terminal when `tty` (the master arrives over a console socket),
+    /// else on pipes.
+    async fn spawn<T>(
+        &self,
+        tty: bool,
+        stdin: bool,
+        build: impl FnOnce(ContainerBuilder) -> Result<(i32, T), EngineError>,
+        id: &str,
+    ) -> Result<(Proc, T), EngineError> {
+        if tty {
+            let socket = self.console_socket()?;
+            let null = process::null_stdio().map_err(failed("stdio"))?;
+            let builder = self
+                .builder(id, null)?
+                .with_console_socket(Some(socket.path()));
+            let (pid, made) = build(builder)?;
+            let master = match socket.receive(CONSOLE_TIMEOUT).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // SAFETY: kill(2) of our own unreaped child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return Err(EngineError::Failed(format!("terminal: {e}")));
+                }
+            };
+            let p = Proc::track_tty(pid, master, stdin).map_err(failed("tracking process"))?;
+            Ok((p, made))
+        } else {
+            let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
+            let (pid, made) = build(self.builder(id, child)?)?;
+            let p = Proc::track(pid, host).map_err(failed("tracking process"))?;
+            Ok((p, made))
+        }
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>, EngineError> {
@@ -153,7 +211,7 @@ impl Engine {
 
     /// Creates container `id` from an OCI spec, its root an overlay of
     /// `layers` (lowest first). Its init waits for [`Engine::start`].
-    pub fn create(
+    pub async fn create(
         &self,
         id: &str,
         spec_json: &[u8],
@@ -175,16 +233,6 @@ impl Engine {
         {
             return Err(EngineError::Invalid(
                 "the OCI spec has no process args".into(),
-            ));
-        }
-        if spec
-            .process()
-            .as_ref()
-            .is_some_and(|p| p.terminal().unwrap_or(false))
-        {
-            return Err(EngineError::Invalid(
-                "containers with a TTY are not supported yet (the streaming issue brings them)"
-                    .into(),
             ));
         }
         let readonly = spec
@@ -212,11 +260,6 @@ impl Engine {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
 
-        let cwd = spec
-            .process()
-            .as_ref()
-            .map(|p| p.cwd().clone())
-            .unwrap_or_else(|| PathBuf::from("/"));
         let dir = self.containers_dir.join(id);
         if dir.exists() {
             // Leftovers of a failed create: nothing in them is in use.
@@ -224,14 +267,13 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&dir);
         }
         std::fs::create_dir_all(&dir).map_err(failed("container directory"))?;
-        let made = self.assemble(id, &dir, &spec, layers, stdin);
+        let made = self.assemble(id, &dir, &spec, layers, stdin).await;
         match made {
             Ok((lc, init)) => {
                 let pid = init.pid as u32;
                 let c = Arc::new(Container {
                     dir,
                     cgroup,
-                    cwd,
                     lc: Mutex::new(lc),
                     init: Arc::new(init),
                     started_at_ns: Mutex::new(0),
@@ -250,7 +292,7 @@ impl Engine {
         }
     }
 
-    fn assemble(
+    async fn assemble(
         &self,
         id: &str,
         dir: &Path,
@@ -271,18 +313,24 @@ impl Engine {
                 EngineError::Failed(format!("rootfs: {e}"))
             }
         })?;
-        let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
-        let lc = self
-            .builder(id, child)?
-            .as_init(dir)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| EngineError::Failed(format!("creating container: {e}")))?;
-        let pid = lc
-            .pid()
-            .ok_or_else(|| EngineError::Failed("libcontainer reported no init PID".into()))?;
-        let init = Proc::track(pid.as_raw(), host).map_err(failed("tracking init"))?;
+        let tty = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        let build = |b: ContainerBuilder| {
+            let lc = b
+                .as_init(dir)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| EngineError::Failed(format!("creating container: {e}")))?;
+            let pid = lc
+                .pid()
+                .ok_or_else(|| EngineError::Failed("libcontainer reported no init PID".into()))?;
+            Ok((pid.as_raw(), lc))
+        };
+        let (init, lc) = self.spawn(tty, stdin, build, id).await?;
         Ok((lc, init))
     }
 
@@ -373,6 +421,18 @@ impl Engine {
         })
     }
 
+    /// Sets the terminal size of a process on a terminal.
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), EngineError> {
+        let p = self.proc(id, exec_id)?;
+        p.resize(rows, cols).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::Unsupported {
+                EngineError::State(format!("{e}: it was not started with a TTY"))
+            } else {
+                EngineError::Failed(format!("resizing the terminal: {e}"))
+            }
+        })
+    }
+
     /// Signals a process.
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), EngineError> {
         let sig = i32::try_from(signal)
@@ -383,14 +443,18 @@ impl Engine {
         p.signal(sig).map_err(failed("signal"))
     }
 
-    /// Runs `args` in running container `id` as exec `exec_id`.
-    pub fn exec(
+    /// Runs `args` in running container `id` as exec `exec_id`, with the
+    /// container's user, capabilities and limits (as containerd does) and
+    /// `env` over the container's environment.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec(
         &self,
         id: &str,
         exec_id: &str,
         args: Vec<String>,
-        mut env: HashMap<String, String>,
+        env: HashMap<String, String>,
         cwd: Option<PathBuf>,
+        tty: bool,
         stdin: bool,
     ) -> Result<u32, EngineError> {
         check_id("exec", exec_id)?;
@@ -417,32 +481,39 @@ impl Engine {
                 )));
             }
         }
-        if let Some((key, value)) = nested_avx_workaround() {
-            env.entry(key.to_string())
-                .or_insert_with(|| value.to_string());
-        }
-        let (host, child) = process::stdio(stdin).map_err(failed("stdio pipes"))?;
-        let pid = self
-            .builder(id, child)?
-            .as_tenant()
-            .with_container_args(args)
-            .with_env(env)
-            .with_cwd(Some(cwd.unwrap_or_else(|| c.cwd.clone())))
-            .with_detach(true)
-            .build()
-            .map_err(|e| {
-                let msg = format!("exec in container {id}: {e}");
-                // libcontainer checks the executable before it execs: a
-                // missing one is the request's fault.
-                if msg.contains("not found") {
-                    EngineError::Invalid(msg)
-                } else {
-                    EngineError::Failed(msg)
-                }
-            })?;
-        let p = Proc::track(pid.as_raw(), host).map_err(failed("tracking exec"))?;
+        let process_file = c.dir.join(format!("exec-{exec_id}.json"));
+        exec_process(
+            &c.dir.join("config.json"),
+            &process_file,
+            args,
+            env,
+            cwd,
+            tty,
+        )?;
+        let build = |b: ContainerBuilder| {
+            let pid = b
+                .as_tenant()
+                .with_process(Some(&process_file))
+                .with_detach(true)
+                .build()
+                .map_err(|e| {
+                    let msg = format!("exec in container {id}: {e}");
+                    // libcontainer checks the executable before it execs: a
+                    // missing one is the request's fault.
+                    if msg.contains("not found") {
+                        EngineError::Invalid(msg)
+                    } else {
+                        EngineError::Failed(msg)
+                    }
+                })?;
+            Ok((pid.as_raw(), ()))
+        };
+        let spawned = self.spawn(tty, stdin, build, id).await;
+        let _ = std::fs::remove_file(&process_file);
+        let (p, ()) = spawned?;
+        let pid = p.pid as u32;
         lock(&c.execs).insert(exec_id.to_string(), Arc::new(p));
-        Ok(pid.as_raw() as u32)
+        Ok(pid)
     }
 
     /// Stops (SIGTERM, then SIGKILL after `timeout`) and deletes container
@@ -529,6 +600,49 @@ impl Engine {
     pub fn ids(&self) -> Vec<String> {
         lock(&self.containers).keys().cloned().collect()
     }
+}
+
+/// Writes the OCI process of an exec to `out`: the container's own
+/// process from `config` (user, capabilities, rlimits, no_new_privs) with
+/// the exec's arguments, `env` over the container's environment, its cwd
+/// and terminal.
+fn exec_process(
+    config: &Path,
+    out: &Path,
+    args: Vec<String>,
+    env: HashMap<String, String>,
+    cwd: Option<PathBuf>,
+    tty: bool,
+) -> Result<(), EngineError> {
+    let spec = Spec::load(config)
+        .map_err(|e| EngineError::Failed(format!("the container's config.json: {e}")))?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| EngineError::Failed("the container's spec has no process".into()))?;
+    let mut merged: Vec<String> = process
+        .env()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|kv| {
+            let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+            !env.contains_key(key)
+        })
+        .collect();
+    let mut extra: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    extra.sort();
+    merged.extend(extra);
+    process.set_args(Some(args));
+    process.set_env(Some(merged));
+    if let Some(cwd) = cwd {
+        process.set_cwd(cwd);
+    }
+    process.set_terminal(Some(tty));
+    process.set_console_size(None);
+    let json = serde_json::to_vec(&process)
+        .map_err(|e| EngineError::Failed(format!("exec process: {e}")))?;
+    std::fs::write(out, json).map_err(failed("writing the exec's process"))
 }
 
 #[cfg(test)]

@@ -132,6 +132,8 @@ pub struct Proc {
     exit: watch::Receiver<Option<Exit>>,
     output: Arc<AsyncMutex<Output>>,
     stdin: Arc<AsyncMutex<Option<AsyncFd<File>>>>,
+    /// The terminal master, when it runs on a terminal.
+    tty: Option<OwnedFd>,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -181,6 +183,8 @@ async fn pump(fd: OwnedFd, stream: Stream, tx: mpsc::Sender<Chunk>) {
         };
         match guard.try_io(|f| f.get_ref().read(&mut buf)) {
             Ok(Ok(0)) => return,
+            // A terminal master reads EIO once every slave is closed.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return,
             Ok(Ok(n)) => {
                 let chunk = Chunk {
                     stream,
@@ -246,17 +250,27 @@ pub fn stdio(stdin: bool) -> io::Result<(Stdio, ChildStdio)> {
     ))
 }
 
+fn writer(fd: OwnedFd) -> io::Result<AsyncFd<File>> {
+    set_nonblocking(&fd)?;
+    // SAFETY: as in `pump`: the AsyncFd owns the file.
+    unsafe { AsyncFd::register(File::from(fd)) }.map_err(io::Error::from)
+}
+
+/// /dev/null as all three: a process on a terminal gets the terminal
+/// instead once it starts.
+pub fn null_stdio() -> io::Result<ChildStdio> {
+    let null = |write: bool| File::options().read(!write).write(write).open("/dev/null");
+    Ok(ChildStdio {
+        stdin: OwnedFd::from(null(false)?),
+        stdout: OwnedFd::from(null(true)?),
+        stderr: OwnedFd::from(null(true)?),
+    })
+}
+
 impl Proc {
     /// Tracks the started process `pid` with the host ends of its stdio.
     pub fn track(pid: i32, stdio: Stdio) -> io::Result<Proc> {
-        let stdin = match stdio.stdin {
-            Some(fd) => {
-                set_nonblocking(&fd)?;
-                // SAFETY: as in `pump`: the AsyncFd owns the file.
-                Some(unsafe { AsyncFd::register(File::from(fd)) }.map_err(io::Error::from)?)
-            }
-            None => None,
-        };
+        let stdin = stdio.stdin.map(writer).transpose()?;
         let exit = super::reaper::watch(pid);
         let (tx, rx) = mpsc::channel(OUTPUT_CHUNKS);
         tokio::spawn(pump(stdio.stdout, Stream::Stdout, tx.clone()));
@@ -266,7 +280,40 @@ impl Proc {
             exit,
             output: Arc::new(AsyncMutex::new(Output::new(rx))),
             stdin: Arc::new(AsyncMutex::new(stdin)),
+            tty: None,
         })
+    }
+
+    /// Tracks the started process `pid` running on the terminal whose
+    /// master is `master`: its output (stdout and stderr merged, as on
+    /// any terminal) and, with `stdin`, its input go through the master.
+    pub fn track_tty(pid: i32, master: OwnedFd, stdin: bool) -> io::Result<Proc> {
+        let stdin = if stdin {
+            Some(writer(master.try_clone()?)?)
+        } else {
+            None
+        };
+        let exit = super::reaper::watch(pid);
+        let (tx, rx) = mpsc::channel(OUTPUT_CHUNKS);
+        tokio::spawn(pump(master.try_clone()?, Stream::Stdout, tx));
+        Ok(Proc {
+            pid,
+            exit,
+            output: Arc::new(AsyncMutex::new(Output::new(rx))),
+            stdin: Arc::new(AsyncMutex::new(stdin)),
+            tty: Some(master),
+        })
+    }
+
+    /// Sets its terminal's size.
+    pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
+        match &self.tty {
+            Some(master) => super::console::resize(master, rows, cols),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the process has no terminal",
+            )),
+        }
     }
 
     /// How it ended, if it has.
@@ -337,6 +384,20 @@ impl Proc {
             }
         }
         if eof {
+            if self.tty.is_some() {
+                // A terminal cannot be half-closed: end of input is the
+                // EOF character, as when a user types ^D.
+                let mut sent = false;
+                while !sent {
+                    let mut ready = fd.writable().await?;
+                    match ready.try_io(|f| f.get_ref().write(&[4u8])) {
+                        Ok(Ok(n)) => sent = n == 1,
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => {}
+                    }
+                }
+            }
             *guard = None;
         }
         Ok(done)
