@@ -52,6 +52,15 @@ boot_timeout_secs = 30
 #   ca_file = "/etc/vmcri/ca.pem"
 [registries]
 
+[streaming]
+# The server behind Exec, Attach and PortForward URLs (kubelet connects to
+# it on the node). Port 0 picks a free port.
+address = "127.0.0.1:0"
+# How long a URL stays valid; each works once.
+token_ttl_secs = 60
+# How long a client may take to open its streams once connected.
+stream_creation_timeout_secs = 30
+
 [agent]
 # Deadline of every call to a guest agent.
 call_timeout_secs = 30
@@ -125,6 +134,18 @@ pub struct ProcessConfig {
 }
 
 /// `[agent]`.
+/// `[streaming]`: the exec/attach/port-forward server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// Listen address (`host:port`).
+    pub address: std::net::SocketAddr,
+    /// Lifetime of an issued URL.
+    pub token_ttl_secs: u64,
+    /// Time a client has to open its streams.
+    pub stream_creation_timeout_secs: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -154,6 +175,8 @@ pub struct Config {
     pub process: ProcessConfig,
     /// Agent settings.
     pub agent: AgentConfig,
+    /// The streaming server.
+    pub streaming: StreamingConfig,
     /// Per-registry settings by registry host.
     pub registries: BTreeMap<String, vmcri_image::registry::RegistryConfig>,
 }
@@ -239,6 +262,12 @@ impl Config {
                 "default_handler {:?} is not a configured handler",
                 self.default_handler
             )));
+        }
+        if self.streaming.token_ttl_secs == 0 || self.streaming.stream_creation_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "streaming: token_ttl_secs and stream_creation_timeout_secs must be positive"
+                    .into(),
+            ));
         }
         for (name, h) in &self.handlers {
             if h.backend == Backend::Microvm && (h.vcpus == 0 || h.vcpus > 32 || h.memory_mib < 64)

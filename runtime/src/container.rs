@@ -28,6 +28,8 @@ const UNKNOWN_EXIT: i32 = 255;
 /// Most output ExecSync returns per stream; the rest is cut (kubelet
 /// itself caps probe output far lower).
 const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// Output chunks buffered for each attached client.
+const ATTACH_CHUNKS: usize = 256;
 /// How long Stop waits for the exit after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -98,9 +100,15 @@ pub struct ContainerRecord {
     pub gid: u32,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
-    /// Whether it has a stdin (always false until attach lands).
+    /// Whether it has a stdin (attach writes to it).
     #[serde(default)]
     pub stdin: bool,
+    /// Its stdin closes when the first attached client closes its own.
+    #[serde(default)]
+    pub stdin_once: bool,
+    /// It runs on a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// Errors of container operations; each maps to one gRPC status.
@@ -175,6 +183,9 @@ struct Entry {
     exited: watch::Sender<bool>,
     /// The supervisor's log-reopen channel while it runs.
     reopen: Mutex<Option<mpsc::Sender<ReopenRequest>>>,
+    /// The container's output as the log copier reads it, for attached
+    /// clients; a client that lags loses output, the log never does.
+    output: broadcast::Sender<pb::OutputChunk>,
 }
 
 /// All containers.
@@ -267,7 +278,7 @@ fn taken(
     })
 }
 
-fn pref(id: &str, exec_id: &str) -> pb::ProcessRef {
+pub(crate) fn pref(id: &str, exec_id: &str) -> pb::ProcessRef {
     pb::ProcessRef {
         container_id: id.to_string(),
         exec_id: exec_id.to_string(),
@@ -336,6 +347,7 @@ impl Containers {
             record: Mutex::new(rec.clone()),
             exited,
             reopen: Mutex::new(None),
+            output: broadcast::channel(ATTACH_CHUNKS).0,
         });
         lock(&self.entries).insert(rec.id, entry.clone());
         entry
@@ -427,6 +439,45 @@ impl Containers {
         Ok((sandbox, agent))
     }
 
+    /// The agent of running container `id` (resolved), with its record.
+    pub async fn running(&self, id: &str) -> Result<(ContainerRecord, Agent), ContainerError> {
+        let (id, entry) = self.entry(id)?;
+        let rec = lock(&entry.record).clone();
+        if rec.state != ContainerState::Running {
+            return Err(ContainerError::State(format!(
+                "container {id} is not running"
+            )));
+        }
+        let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
+        Ok((rec, agent))
+    }
+
+    /// Attaches to running container `id`'s output: its chunks from now
+    /// on, and a receiver that turns true once it has exited.
+    pub async fn attach(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            ContainerRecord,
+            Agent,
+            broadcast::Receiver<pb::OutputChunk>,
+            watch::Receiver<bool>,
+        ),
+        ContainerError,
+    > {
+        let (rec, agent) = self.running(id).await?;
+        let (_, entry) = self.entry(&rec.id)?;
+        let output = entry.output.subscribe();
+        Ok((rec, agent, output, entry.exited.subscribe()))
+    }
+
+    /// The ready sandbox `id` and its agent.
+    pub async fn sandbox_agent(&self, id: &str) -> Result<(SandboxRecord, Agent), ContainerError> {
+        let id = self.sandboxes.resolve(id)?;
+        self.ready_sandbox(&id).await
+    }
+
     /// CreateContainer.
     pub async fn create(
         self: &Arc<Self>,
@@ -449,12 +500,6 @@ impl Containers {
         if image_name.is_empty() {
             return Err(ContainerError::Invalid(
                 "CreateContainer: image is required".into(),
-            ));
-        }
-        if config.stdin {
-            return Err(ContainerError::Unsupported(
-                "containers with stdin are not supported yet (attach arrives with the streaming issue)"
-                    .into(),
             ));
         }
         let sandbox_id = self.sandboxes.resolve(sandbox_id)?;
@@ -530,7 +575,9 @@ impl Containers {
             uid: built.user.uid,
             gid: built.user.gid,
             additional_gids: built.user.additional_gids.clone(),
-            stdin: false,
+            stdin: config.stdin,
+            stdin_once: config.stdin_once,
+            tty: config.tty,
         };
         // Hold the name while the agent works, so a concurrent create with
         // the same metadata fails instead of racing.
@@ -549,6 +596,7 @@ impl Containers {
                 record: Mutex::new(rec.clone()),
                 exited,
                 reopen: Mutex::new(None),
+                output: broadcast::channel(ATTACH_CHUNKS).0,
             });
             entries.insert(id.clone(), entry.clone());
             entry
@@ -559,8 +607,8 @@ impl Containers {
             oci_spec_json: built.json,
             rootfs_layers: agent_layers,
             mounts: Vec::new(),
-            tty: false,
-            stdin: false,
+            tty: config.tty,
+            stdin: config.stdin,
         };
         let made = async {
             agent.create_container(req).await?;
@@ -661,6 +709,7 @@ impl Containers {
                 rec.clone(),
                 sandbox_dir,
                 reopen_rx,
+                entry.output.clone(),
             ));
             match agent.wait(pref(&id, "")).await {
                 Ok(w) => {
@@ -1004,6 +1053,7 @@ async fn copy_output(
     rec: ContainerRecord,
     sandbox_dir: PathBuf,
     mut reopen: mpsc::Receiver<ReopenRequest>,
+    attached: broadcast::Sender<pb::OutputChunk>,
 ) {
     use std::os::unix::fs::{FileExt, MetadataExt};
     let id = rec.id.clone();
@@ -1069,6 +1119,9 @@ async fn copy_output(
                     Stream::Stdout
                 };
                 pos.offset = chunk.offset + chunk.data.len() as u64;
+                if attached.receiver_count() > 0 {
+                    let _ = attached.send(chunk.clone());
+                }
                 if let Some(l) = log.as_mut() {
                     if let Err(e) = l.write(stream, chunk.timestamp_ns, &chunk.data) {
                         tracing::error!(container_id = %id, error = %e, "writing container log");

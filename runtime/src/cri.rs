@@ -33,6 +33,7 @@ pub struct Cri {
     containers: Arc<Containers>,
     images: Arc<Images>,
     pod_cidr: Mutex<String>,
+    streaming: Arc<vmcri_streaming::Server>,
 }
 
 impl Cri {
@@ -42,6 +43,7 @@ impl Cri {
         sandboxes: Arc<Sandboxes>,
         containers: Arc<Containers>,
         images: Arc<Images>,
+        streaming: Arc<vmcri_streaming::Server>,
     ) -> Self {
         Cri {
             config,
@@ -49,7 +51,16 @@ impl Cri {
             containers,
             images,
             pod_cidr: Mutex::new(String::new()),
+            streaming,
         }
+    }
+
+    /// A one-time streaming URL for `req`.
+    fn stream_url(&self, req: vmcri_streaming::Request) -> Result<String, Status> {
+        self.streaming.url(req).map_err(|e| match e {
+            vmcri_streaming::TokenError::Full => Status::resource_exhausted(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })
     }
 }
 
@@ -294,6 +305,27 @@ fn sandbox_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
         annotations: to_hash(&rec.annotations),
         runtime_handler: rec.handler.clone(),
     }
+}
+
+/// The stream combination rules of Exec and Attach, as kubelet has them.
+fn check_streams(
+    call: &str,
+    tty: bool,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+) -> Result<(), Status> {
+    if tty && stderr {
+        return Err(Status::invalid_argument(format!(
+            "{call}: tty and stderr cannot both be true (a terminal merges stderr into stdout)"
+        )));
+    }
+    if !stdin && !stdout && !stderr {
+        return Err(Status::invalid_argument(format!(
+            "{call}: one of stdin, stdout or stderr must be set"
+        )));
+    }
+    Ok(())
 }
 
 fn unimplemented(what: &str) -> Status {
@@ -639,30 +671,96 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        self.containers.get(&req.into_inner().container_id)?;
-        Err(unimplemented(
-            "Exec (the streaming server arrives with issue 7)",
-        ))
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("Exec: cmd is empty"));
+        }
+        check_streams("Exec", req.tty, req.stdin, req.stdout, req.stderr)?;
+        let rec = self.containers.get(&req.container_id)?;
+        if rec.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "Exec: container {} is not running",
+                rec.id
+            )));
+        }
+        let url = self.stream_url(vmcri_streaming::Request::Exec(
+            vmcri_streaming::ExecRequest {
+                container_id: rec.id,
+                cmd: req.cmd,
+                tty: req.tty,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+            },
+        ))?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
         req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        self.containers.get(&req.into_inner().container_id)?;
-        Err(unimplemented(
-            "Attach (the streaming server arrives with issue 7)",
-        ))
+        let req = req.into_inner();
+        check_streams("Attach", req.tty, req.stdin, req.stdout, req.stderr)?;
+        let rec = self.containers.get(&req.container_id)?;
+        if rec.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "Attach: container {} is not running",
+                rec.id
+            )));
+        }
+        if req.stdin && !rec.stdin {
+            return Err(Status::invalid_argument(format!(
+                "Attach: container {} was created without stdin",
+                rec.id
+            )));
+        }
+        if req.tty != rec.tty {
+            return Err(Status::invalid_argument(format!(
+                "Attach: tty={} but container {} was created with tty={}",
+                req.tty, rec.id, rec.tty
+            )));
+        }
+        let url = self.stream_url(vmcri_streaming::Request::Attach(
+            vmcri_streaming::AttachRequest {
+                container_id: rec.id,
+                tty: req.tty,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+            },
+        ))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
         req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        self.sandboxes.get(&req.into_inner().pod_sandbox_id)?;
-        Err(unimplemented(
-            "PortForward (the streaming server arrives with issue 7)",
-        ))
+        let req = req.into_inner();
+        let rec = self.sandboxes.get(&req.pod_sandbox_id)?;
+        if rec.state != SandboxState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "PortForward: pod sandbox {} is not ready",
+                rec.id
+            )));
+        }
+        let ports = req
+            .port
+            .iter()
+            .map(|p| {
+                u16::try_from(*p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                    Status::invalid_argument(format!("PortForward: port {p} is not 1-65535"))
+                })
+            })
+            .collect::<Result<Vec<u16>, Status>>()?;
+        let url = self.stream_url(vmcri_streaming::Request::PortForward(
+            vmcri_streaming::PortForwardRequest {
+                sandbox_id: rec.id,
+                ports,
+            },
+        ))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

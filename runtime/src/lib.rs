@@ -13,3 +13,4 @@ pub mod sandbox;
 pub mod shared;
 pub mod spec;
 pub mod store;
+pub mod streams;

@@ -6,6 +6,7 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::wrappers::UnixListenerStream;
 use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
 use vmcri_runtime::container::Containers;
@@ -13,6 +14,7 @@ use vmcri_runtime::cri::Cri;
 use vmcri_runtime::images::Images;
 use vmcri_runtime::sandbox::Sandboxes;
 use vmcri_runtime::store::Store;
+use vmcri_runtime::streams::StreamHandler;
 
 /// Largest CRI request accepted.
 const MAX_REQUEST: usize = 16 << 20;
@@ -152,7 +154,25 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         .with_context(|| format!("binding {}", config.listen.display()))?;
     let images = Arc::new(Images::open(&config.root, config.registries.clone())?);
     let containers = Containers::recover(sandboxes.clone(), images.clone());
-    let cri = Arc::new(Cri::new(config.clone(), sandboxes, containers, images));
+    let streaming = vmcri_streaming::Server::start(
+        vmcri_streaming::Config {
+            address: config.streaming.address,
+            token_ttl: Duration::from_secs(config.streaming.token_ttl_secs),
+            stream_creation_timeout: Duration::from_secs(
+                config.streaming.stream_creation_timeout_secs,
+            ),
+        },
+        Arc::new(StreamHandler::new(containers.clone())),
+    )
+    .await
+    .with_context(|| format!("streaming server on {}", config.streaming.address))?;
+    let cri = Arc::new(Cri::new(
+        config.clone(),
+        sandboxes,
+        containers,
+        images,
+        Arc::new(streaming),
+    ));
     let runtime =
         RuntimeServiceServer::from_arc(cri.clone()).max_decoding_message_size(MAX_REQUEST);
     let images = ImageServiceServer::from_arc(cri).max_decoding_message_size(MAX_REQUEST);

@@ -583,11 +583,6 @@ pub fn build(
     layers: &[PathBuf],
     pod: &PodContext,
 ) -> Result<Built, SpecError> {
-    if config.tty {
-        return Err(SpecError::Unsupported(
-            "containers with a TTY are not supported yet (the streaming issue brings them)".into(),
-        ));
-    }
     let sc = config
         .linux
         .as_ref()
@@ -655,7 +650,7 @@ pub fn build(
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": config.tty,
             "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
             "args": args,
             "env": environment(config, image)?,

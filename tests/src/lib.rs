@@ -7,7 +7,9 @@
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
+pub mod pods;
 pub mod registry;
+pub mod streams;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

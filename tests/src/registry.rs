@@ -213,7 +213,7 @@ pub fn layout_layers(dir: &Path, layers: &[&[Entry]], config: &str) -> PathBuf {
 /// Applets the busybox test image links.
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "ls", "id", "env", "pwd", "hostname", "touch", "mkdir", "yes",
-    "head", "true", "false", "kill", "ps", "wc", "seq", "grep", "rm", "dd",
+    "head", "true", "false", "kill", "ps", "wc", "seq", "grep", "rm", "dd", "nc", "stty", "tty",
 ];
 
 /// A busybox image layout from Debian's busybox-static, with an `app`

@@ -440,6 +440,106 @@ impl Agent {
         Ok(r.stats.unwrap_or_default())
     }
 
+    /// Feeds `data` to the process's stdin until the channel closes; then,
+    /// with `close`, closes its stdin. Returns the bytes written.
+    pub async fn write_stdin(
+        &self,
+        process: pb::ProcessRef,
+        mut data: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        close: bool,
+    ) -> Result<u64, ClientError> {
+        let mut c = self.client.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut first = Some(process);
+            while let Some(b) = data.recv().await {
+                let chunk = pb::StdinChunk {
+                    process: first.take(),
+                    data: b.to_vec(),
+                    eof: false,
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            if close || first.is_some() {
+                let _ = tx
+                    .send(pb::StdinChunk {
+                        process: first.take(),
+                        data: Vec::new(),
+                        eof: close,
+                    })
+                    .await;
+            }
+        });
+        let r = c
+            .write_stdin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|status| ClientError::Rpc {
+                call: "WriteStdin",
+                status,
+            })?;
+        Ok(r.into_inner().bytes_written)
+    }
+
+    /// Sets the terminal size of a process on a terminal.
+    pub async fn resize(
+        &self,
+        process: pb::ProcessRef,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::ResizeTtyRequest {
+            process: Some(process),
+            rows: u32::from(rows),
+            cols: u32::from(cols),
+        };
+        deadline("ResizeTty", self.call_timeout, c.resize_tty(req)).await?;
+        Ok(())
+    }
+
+    /// Opens a connection to TCP `port` on the sandbox's loopback; `data`
+    /// goes to it (its end half-closes the connection) and the returned
+    /// stream carries what comes back, ending with an EOF chunk.
+    pub async fn port_forward(
+        &self,
+        port: u16,
+        mut data: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<tonic::Streaming<pb::ForwardChunk>, ClientError> {
+        let mut c = self.client.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = pb::ForwardChunk {
+            port: u32::from(port),
+            ..Default::default()
+        };
+        // The agent connects once it has the first message.
+        let _ = tx.send(first).await;
+        tokio::spawn(async move {
+            while let Some(b) = data.recv().await {
+                let chunk = pb::ForwardChunk {
+                    data: b.to_vec(),
+                    ..Default::default()
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx
+                .send(pb::ForwardChunk {
+                    eof: true,
+                    ..Default::default()
+                })
+                .await;
+        });
+        deadline(
+            "PortForward",
+            self.call_timeout,
+            c.port_forward(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+    }
+
     /// Asks the guest to sync and reboot, which ends the VM.
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         let mut c = self.client.clone();

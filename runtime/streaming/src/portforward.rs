@@ -168,6 +168,7 @@ pub async fn serve_spdy(
                 .await;
             continue;
         }
+        s.accept().await;
         *slot = Some(s);
         pair.since.get_or_insert_with(tokio::time::Instant::now);
         if pair.error.is_some() && pair.data.is_some() {

@@ -206,6 +206,7 @@ pub async fn serve_spdy(
                 .await;
             continue;
         }
+        s.accept().await;
         *slot = Some(s);
     }
     let Some(error) = error else { return };

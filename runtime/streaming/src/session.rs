@@ -12,7 +12,7 @@
 //! Backpressure comes from the bounded channels instead: a stream whose
 //! consumer is slow stops the reader, and with it the client's writes.
 
-use crate::spdy::{self, Frame, FrameDecoder, FrameEncoder, Headers, SpdyError};
+use crate::spdy::{self, Frame, FrameDecoder, FrameEncoder, Headers, SpdyError, StreamDecoder};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -43,9 +43,21 @@ pub struct Incoming {
     pub headers: Headers,
     /// Its data; closes at the client's FIN or RST.
     pub data: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Frame>,
 }
 
 impl Incoming {
+    /// Accepts the stream (SYN_REPLY). A stream the protocol refuses is
+    /// reset instead, never replied to, as kubelet does.
+    pub async fn accept(&self) {
+        let reply = Frame::SynReply {
+            stream_id: self.id,
+            fin: false,
+            headers: Vec::new(),
+        };
+        let _ = self.out.send(reply).await;
+    }
+
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -199,7 +211,7 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
     out: mpsc::Sender<Frame>,
     new_streams: mpsc::Sender<Incoming>,
 ) {
-    let mut frames = FramedRead::new(rd, FrameDecoder::new(MAX_FRAME, MAX_HEADERS));
+    let mut frames = FramedRead::new(rd, StreamDecoder(FrameDecoder::new(MAX_FRAME, MAX_HEADERS)));
     let mut open: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
     let mut consumed: HashMap<u32, u32> = HashMap::new();
     let mut consumed_total: u32 = 0;
@@ -207,12 +219,12 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
     let rst = |stream_id, status| Frame::RstStream { stream_id, status };
     while let Some(frame) = frames.next().await {
         let frame = match frame {
-            Ok(f) => f,
-            Err(SpdyError::InvalidFrame {
+            Ok(Ok(f)) => f,
+            Ok(Err(SpdyError::InvalidFrame {
                 stream_id,
                 status,
                 reason,
-            }) => {
+            })) => {
                 tracing::warn!(
                     stream_id,
                     reason,
@@ -224,7 +236,7 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
                 }
                 continue;
             }
-            Err(e) => {
+            Ok(Err(e)) | Err(e) => {
                 tracing::warn!(error = %e, "SPDY connection failed");
                 let _ = out
                     .send(Frame::GoAway {
@@ -260,18 +272,11 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
                 if !fin {
                     open.insert(stream_id, tx);
                 }
-                let reply = Frame::SynReply {
-                    stream_id,
-                    fin: false,
-                    headers: Vec::new(),
-                };
-                if out.send(reply).await.is_err() {
-                    return;
-                }
                 let incoming = Incoming {
                     id: stream_id,
                     headers,
                     data,
+                    out: out.clone(),
                 };
                 if new_streams.send(incoming).await.is_err() {
                     let _ = out.send(rst(stream_id, spdy::rst::REFUSED_STREAM)).await;
@@ -331,5 +336,68 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
             | Frame::Headers { .. }
             | Frame::WindowUpdate { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+
+    #[tokio::test]
+    async fn an_invalid_frame_resets_only_its_stream() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = Connection::start(server);
+        let (client_rd, mut client_wr) = tokio::io::split(client);
+        let mut enc = FrameEncoder::new();
+        let mut buf = bytes::BytesMut::new();
+        // RST_STREAM of the wrong length, then DATA for a stream never
+        // opened, then a good stream.
+        buf.extend_from_slice(&[0x80, 3, 0, 3, 0, 0, 0, 4, 0, 0, 0, 1]);
+        let frames = [
+            Frame::Data {
+                stream_id: 7,
+                fin: false,
+                data: Bytes::from_static(b"stray"),
+            },
+            Frame::SynStream {
+                stream_id: 1,
+                associated_id: 0,
+                priority: 0,
+                fin: false,
+                unidirectional: false,
+                headers: vec![("streamtype".into(), "error".into())],
+            },
+        ];
+        for f in frames {
+            enc.encode(f, &mut buf).unwrap();
+        }
+        client_wr.write_all(&buf).await.unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(5), conn.streams.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.id, s.header("streamtype")), (1, Some("error")));
+        s.accept().await;
+        // The client got a reset for the stray stream and the reply.
+        let mut frames = FramedRead::new(
+            client_rd,
+            StreamDecoder(FrameDecoder::new(1 << 20, 1 << 16)),
+        );
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match frames.next().await {
+                Some(Ok(Ok(f))) => seen.push(f),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(seen.contains(&Frame::RstStream {
+            stream_id: 7,
+            status: spdy::rst::INVALID_STREAM
+        }));
+        assert!(seen
+            .iter()
+            .any(|f| matches!(f, Frame::SynReply { stream_id: 1, .. })));
     }
 }

@@ -686,6 +686,25 @@ fn build_header_block(headers: &Headers) -> Result<Vec<u8>, String> {
     Ok(raw)
 }
 
+/// [`FrameDecoder`] for a `FramedRead`, which ends its stream at the
+/// first decoder error: a frame that was invalid but consumed whole comes
+/// as an item (`Err(SpdyError::InvalidFrame)`), so the connection goes
+/// on; only fatal errors end the stream.
+pub struct StreamDecoder(pub FrameDecoder);
+
+impl Decoder for StreamDecoder {
+    type Item = Result<Frame, SpdyError>;
+    type Error = SpdyError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, SpdyError> {
+        match self.0.decode(src) {
+            Ok(f) => Ok(f.map(Ok)),
+            Err(e) if !e.is_fatal() => Ok(Some(Err(e))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Encodes frames; owns the outbound zlib stream.
 #[derive(Debug)]
 pub struct FrameEncoder {
