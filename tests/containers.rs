@@ -5,7 +5,6 @@
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -184,6 +183,9 @@ fn container_lifecycle_logs_exec_mounts_and_errors() {
         let st = cstatus(&mut rt, &uid).await.unwrap();
         let u = st.user.unwrap().linux.unwrap();
         assert_eq!((u.uid, u.gid), (1000, 1000));
+        // Execs run as the container's user, as in containerd.
+        let r = exec(&mut rt, &uid, &["id", "-u"], 10).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "1000\n");
 
         // A container past its memory limit is OOM-killed, and says so.
         let mut hog = container("hog", &setup.image, &["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]);

@@ -868,14 +868,8 @@ impl Containers {
         if cmd.is_empty() {
             return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
         }
-        let (id, entry) = self.entry(id)?;
-        let rec = lock(&entry.record).clone();
-        if rec.state != ContainerState::Running {
-            return Err(ContainerError::State(format!(
-                "container {id} is not running"
-            )));
-        }
-        let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
+        let (rec, agent) = self.running(id).await?;
+        let id = rec.id;
         let exec_id = new_id()[..16].to_string();
         agent
             .exec_process(pb::ExecProcessRequest {

@@ -1,6 +1,6 @@
-//! The CRI v1 services: pod sandboxes, containers and images. What is not
-//! supported (streaming, checkpoints, metrics) answers Unimplemented with
-//! a message; nothing silently succeeds.
+//! The CRI v1 services: pod sandboxes, containers, images, and the URLs of
+//! the streaming server. What is not supported (checkpoints, metrics)
+//! answers Unimplemented with a message; nothing silently succeeds.
 
 use crate::config::Config;
 use crate::container::{

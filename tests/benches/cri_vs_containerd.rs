@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use vmcri_tests::registry::{busybox_layout, layout_layers, push, start_registry, Entry};
+use vmcri_tests::streams::{spdy_exec, spdy_forward, ExecIo};
 use vmcri_tests::{artifacts, unix_channel, Daemon, Scratch};
 
 const LAYER_MIB: usize = 8;
@@ -295,6 +296,75 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
     }
 }
 
+/// Streaming figures of one backend: the median round trip of an exec of
+/// `true` (CRI Exec, connect, SPDY streams, exit status) over `runs`, and
+/// port-forward throughput: `mib` MiB echoed by busybox nc in the pod,
+/// MB/s each way.
+async fn stream_figures(
+    cri: &mut Cri,
+    pod: &str,
+    c: &str,
+    runs: usize,
+    mib: usize,
+) -> (Duration, f64) {
+    let mut trips = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let url = cri
+            .rt
+            .exec(cri::ExecRequest {
+                container_id: c.into(),
+                cmd: vec!["true".into()],
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            })
+            .await
+            .expect("Exec")
+            .into_inner()
+            .url;
+        let io = ExecIo {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let o = spdy_exec(&url, "v4.channel.k8s.io", io)
+            .await
+            .expect("exec over SPDY");
+        assert_eq!(o.exit_code(), Some(0), "{o:?}");
+        trips.push(t.elapsed());
+    }
+    cri.exec(c, "nc -ll -p 18080 -e cat >/dev/null 2>&1 &")
+        .await;
+    let payload: Vec<u8> = (0..mib << 20).map(|i| (i % 253) as u8).collect();
+    let mut last = String::new();
+    for _ in 0..100 {
+        let url = cri
+            .rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: vec![18080],
+            })
+            .await
+            .expect("PortForward")
+            .into_inner()
+            .url;
+        let t = Instant::now();
+        let r = spdy_forward(&url, &[(18080, payload.clone())])
+            .await
+            .expect("port-forward");
+        let secs = t.elapsed().as_secs_f64();
+        if r[0].data.len() == payload.len() {
+            assert!(r[0].data == payload, "port-forward corrupted data");
+            return (median(trips), (mib as f64 * 1.048_576) / secs);
+        }
+        // The server may not listen yet.
+        last = r[0].error.clone();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("port-forward never echoed: {last}");
+}
+
 /// Seconds of a guest-side operation, from the container's own clock.
 const TIMED: &str = "s=$(cat /proc/uptime); {CMD}; e=$(cat /proc/uptime); echo ${s%% *} ${e%% *}";
 
@@ -407,6 +477,7 @@ fn main() {
         }
 
         let mut fs = Vec::new();
+        let mut streams = Vec::new();
         for (name, cri, n) in [("containerd+runc", &mut containerd, runs), ("vmcri process", &mut process, runs), ("vmcri microvm", &mut microvm, vm_runs)] {
             let mut starts = Vec::new();
             let mut execs = Vec::new();
@@ -415,6 +486,11 @@ fn main() {
                 starts.push(t);
                 for _ in 0..if name.contains("microvm") { 3 } else { 10 } {
                     execs.push(cri.exec(&c, "true").await.0);
+                }
+                if i == 0 {
+                    let vm = name.contains("microvm");
+                    let (trips, mib) = if vm { (3, 1) } else { (10, 16) };
+                    streams.push((name, stream_figures(cri, &pod, &c, trips, mib).await));
                 }
                 if i == 0 && name.starts_with("vmcri") {
                     let (reads, creates) = if name.contains("microvm") { (1, 100) } else { (20, 2000) };
@@ -442,6 +518,17 @@ fn main() {
                 ratio(r.start, base.start),
                 ratio(r.exec, base.exec)
             );
+        }
+        println!();
+        println!("Streaming: exec `true` over SPDY (CRI Exec to exit status, median) and port-forward through busybox nc echoing in the pod:");
+        println!("| | exec round trip | port-forward MB/s each way |");
+        println!("|---|---|---|");
+        for (name, (trip, mbs)) in &streams {
+            println!("| {name} | {:.4} s | {mbs:.1} |", trip.as_secs_f64());
+        }
+        let (ct, cm) = streams[0].1;
+        for (name, (trip, mbs)) in &streams[1..] {
+            println!("| {name} / containerd | {:.2}x | {:.3}x |", trip.as_secs_f64() / ct.as_secs_f64(), mbs / cm);
         }
         println!();
         println!("virtio-fs inside a container (sequential reads of a 64 MiB file; file creates), vs the same volume in the process backend:");

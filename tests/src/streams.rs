@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use vmcri_streaming::spdy::{Frame, FrameDecoder, FrameEncoder, StreamDecoder};
 
 /// How long any single step may take (microVM execs take ~10 s here).
-pub const STEP: Duration = Duration::from_secs(20);
+pub const STEP: Duration = Duration::from_secs(120);
 
 /// What an exec or attach gave the client.
 #[derive(Debug, Default)]

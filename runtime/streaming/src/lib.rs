@@ -32,6 +32,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Waits up to `after` for `task` to end, then aborts it.
+async fn join_or_abort(mut task: tokio::task::JoinHandle<()>, after: std::time::Duration) {
+    if tokio::time::timeout(after, &mut task).await.is_err() {
+        task.abort();
+    }
+}
+
 /// A boxed future, as [`Handler`] methods return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

@@ -162,14 +162,7 @@ pub async fn serve_spdy(
                 continue;
             }
         };
-        if slot.is_some() {
-            conn.stream(s.id)
-                .reset(crate::spdy::rst::PROTOCOL_ERROR)
-                .await;
-            continue;
-        }
-        s.accept().await;
-        *slot = Some(s);
+        conn.claim(slot, s).await;
         pair.since.get_or_insert_with(tokio::time::Instant::now);
         if pair.error.is_some() && pair.data.is_some() {
             let Some(Pair {

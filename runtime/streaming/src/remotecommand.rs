@@ -200,14 +200,7 @@ pub async fn serve_spdy(
                 continue;
             }
         };
-        if slot.is_some() {
-            conn.stream(s.id)
-                .reset(crate::spdy::rst::PROTOCOL_ERROR)
-                .await;
-            continue;
-        }
-        s.accept().await;
-        *slot = Some(s);
+        conn.claim(slot, s).await;
     }
     let Some(error) = error else { return };
     let mut io = Io::default();

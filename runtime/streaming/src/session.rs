@@ -160,6 +160,17 @@ impl Connection {
         }
     }
 
+    /// Puts `s` into `slot` and accepts it, or resets it when the slot
+    /// is taken (a second stream of one kind).
+    pub async fn claim(&self, slot: &mut Option<Incoming>, s: Incoming) {
+        if slot.is_some() {
+            self.stream(s.id).reset(spdy::rst::PROTOCOL_ERROR).await;
+            return;
+        }
+        s.accept().await;
+        *slot = Some(s);
+    }
+
     /// A receiver that turns true once the client has left.
     pub fn gone(&self) -> watch::Receiver<bool> {
         self.gone.clone()
@@ -176,14 +187,8 @@ impl Connection {
             .await;
         drop(self.reader);
         drop(self.out);
-        let mut writer = self.writer;
         // Stream senders still held elsewhere would keep the writer alive.
-        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
+        crate::join_or_abort(self.writer, Duration::from_secs(5)).await;
     }
 }
 

@@ -277,6 +277,13 @@ fn resettable(stream_id: u32) -> Option<u32> {
     (stream_id != 0).then_some(stream_id)
 }
 
+/// The stream a too-short frame names, if its first word is there.
+fn stream_in(p: &[u8]) -> Option<u32> {
+    (p.len() >= 4)
+        .then(|| be32(p, 0) & STREAM_ID_MASK)
+        .and_then(resettable)
+}
+
 /// Big-endian u32 at `at`; callers check lengths first, and a short slice
 /// reads as 0 rather than panicking.
 fn be32(bytes: &[u8], at: usize) -> u32 {
@@ -408,11 +415,7 @@ impl FrameDecoder {
             TYPE_WINDOW_UPDATE => {
                 let stream_id = be32(p, 0) & STREAM_ID_MASK;
                 if p.len() != 8 {
-                    let readable = if p.len() >= 4 {
-                        resettable(stream_id)
-                    } else {
-                        None
-                    };
+                    let readable = stream_in(p);
                     return Err(invalid(
                         readable,
                         rst::PROTOCOL_ERROR,
@@ -443,11 +446,7 @@ impl FrameDecoder {
         let fixed = if kind == TYPE_SYN_STREAM { 10 } else { 4 };
         let stream_id = be32(p, 0) & STREAM_ID_MASK;
         if p.len() < fixed {
-            let readable = if p.len() >= 4 {
-                resettable(stream_id)
-            } else {
-                None
-            };
+            let readable = stream_in(p);
             return Err(invalid(
                 readable,
                 rst::PROTOCOL_ERROR,

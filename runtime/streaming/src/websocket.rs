@@ -154,13 +154,7 @@ impl WsConn {
     pub async fn close(self) {
         close_with(&self.out, CloseCode::Normal, "").await;
         drop(self.out);
-        let mut writer = self.writer;
-        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
+        crate::join_or_abort(self.writer, Duration::from_secs(5)).await;
         // Give the client a moment to answer the close, then stop reading.
         let mut reader = self.reader;
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut reader.0).await;
