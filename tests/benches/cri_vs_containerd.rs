@@ -222,7 +222,13 @@ impl Cri {
                         attempt: 0,
                     }),
                     image: spec(image),
-                    command: vec!["sleep".into(), "3600".into()],
+                    // An echo server for the port-forward figures, beside
+                    // the sleep every figure execs into.
+                    command: vec![
+                        "sh".into(),
+                        "-c".into(),
+                        "nc -ll -p 18080 -e cat >/dev/null 2>&1 & exec sleep 3600".into(),
+                    ],
                     mounts,
                     ..Default::default()
                 }),
@@ -334,8 +340,6 @@ async fn stream_figures(
         assert_eq!(o.exit_code(), Some(0), "{o:?}");
         trips.push(t.elapsed());
     }
-    cri.exec(c, "nc -ll -p 18080 -e cat >/dev/null 2>&1 &")
-        .await;
     let payload: Vec<u8> = (0..mib << 20).map(|i| (i % 253) as u8).collect();
     let mut last = String::new();
     for _ in 0..100 {
@@ -359,7 +363,12 @@ async fn stream_figures(
             return (median(trips), (mib as f64 * 1.048_576) / secs);
         }
         // The server may not listen yet.
-        last = r[0].error.clone();
+        last = format!(
+            "{} of {} bytes back; error stream: {:?}",
+            r[0].data.len(),
+            payload.len(),
+            r[0].error
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("port-forward never echoed: {last}");
@@ -524,7 +533,7 @@ fn main() {
         println!("| | exec round trip | port-forward MB/s each way |");
         println!("|---|---|---|");
         for (name, (trip, mbs)) in &streams {
-            println!("| {name} | {:.4} s | {mbs:.1} |", trip.as_secs_f64());
+            println!("| {name} | {:.4} s | {mbs:.3} |", trip.as_secs_f64());
         }
         let (ct, cm) = streams[0].1;
         for (name, (trip, mbs)) in &streams[1..] {

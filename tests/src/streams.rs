@@ -123,6 +123,8 @@ impl Spdy {
         let mut tcp = TcpStream::connect(&host)
             .await
             .with_context(|| format!("connect {host}"))?;
+        // As Go's net package: no Nagle delay on small frames.
+        tcp.set_nodelay(true)?;
         let mut req = format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n"
         );
@@ -304,15 +306,23 @@ impl Spdy {
         }
     }
 
-    /// Sends data on a stream; `fin` ends this side.
+    /// Sends data on a stream in frames of at most 32 KiB, as client-go's
+    /// copy loop does; `fin` ends this side.
     pub async fn send(&self, id: u32, data: &[u8], fin: bool) -> Result<()> {
-        self.out
-            .send(Frame::Data {
-                stream_id: id,
-                fin,
-                data: Bytes::copy_from_slice(data),
-            })
-            .await?;
+        let mut chunks: Vec<&[u8]> = data.chunks(32 * 1024).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        for (i, c) in chunks.into_iter().enumerate() {
+            self.out
+                .send(Frame::Data {
+                    stream_id: id,
+                    fin: fin && i == last,
+                    data: Bytes::copy_from_slice(c),
+                })
+                .await?;
+        }
         Ok(())
     }
 
@@ -465,6 +475,7 @@ pub async fn ws_connect(url: &str, query: &str, protocols: &[&str]) -> Result<(W
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", protocols.join(", ").parse()?);
     let tcp = TcpStream::connect(&host).await?;
+    tcp.set_nodelay(true)?;
     let (ws, resp) = match tokio_tungstenite::client_async(req, tcp).await {
         Ok(r) => r,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {

@@ -122,6 +122,10 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 continue;
             }
         };
+        // Interactive streams: small writes must not wait for ACKs.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY");
+        }
         let inner = inner.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -294,12 +294,11 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
             } => {
                 let n = data.len() as u32;
                 match open.get(&stream_id) {
-                    Some(tx) => {
-                        if !data.is_empty() {
-                            // A consumer that went away no longer cares.
-                            let _ = tx.send(data).await;
-                        }
+                    // A consumer that went away no longer cares.
+                    Some(tx) if !data.is_empty() => {
+                        let _ = tx.send(data).await;
                     }
+                    Some(_) => {}
                     None if stream_id > last_id => {
                         let _ = out.send(rst(stream_id, spdy::rst::INVALID_STREAM)).await;
                     }
