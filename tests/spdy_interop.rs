@@ -223,6 +223,7 @@ async fn server() -> Server {
         address: "127.0.0.1:0".parse().unwrap(),
         token_ttl: Duration::from_secs(60),
         stream_creation_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(3600),
     };
     Server::start(config, Arc::new(Fake)).await.unwrap()
 }

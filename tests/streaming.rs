@@ -319,7 +319,10 @@ async fn streams_work(rt: &mut RuntimeServiceClient<Channel>, pod: &Pod, logs: &
 #[test]
 fn process_backend_streams() {
     let s = Scratch::new("streaming").unwrap();
-    let setup = setup_with(&s, "[streaming]\ntoken_ttl_secs = 3\n");
+    let setup = setup_with(
+        &s,
+        "[streaming]\ntoken_ttl_secs = 3\nidle_timeout_secs = 3\n",
+    );
     let logs = setup.dir.join("pod-logs");
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
@@ -482,6 +485,17 @@ fn process_backend_streams() {
                 .unwrap()
                 .out(),
             "fine\n"
+        );
+
+        // A connection quiet for the idle timeout (3 s here) is closed: the
+        // client's streams end before the 60 s command does, with no status.
+        let url = exec_url(&mut rt, &pod.echo, &["sleep", "60"], false, false).await;
+        let t0 = Instant::now();
+        let o = spdy_exec(&url, "v4.channel.k8s.io", io()).await.unwrap();
+        assert!(
+            o.status.is_null() && t0.elapsed() < Duration::from_secs(30),
+            "{o:?} after {:?}",
+            t0.elapsed()
         );
 
         // The CRI calls check their requests.

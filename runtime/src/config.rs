@@ -60,6 +60,9 @@ address = "127.0.0.1:0"
 token_ttl_secs = 60
 # How long a client may take to open its streams once connected.
 stream_creation_timeout_secs = 30
+# A connection with no bytes either way for this long is closed (kubelet's
+# stream idle timeout); an exec behind it runs on to its end.
+idle_timeout_secs = 14400
 
 [agent]
 # Deadline of every call to a guest agent.
@@ -144,6 +147,8 @@ pub struct StreamingConfig {
     pub token_ttl_secs: u64,
     /// Time a client has to open its streams.
     pub stream_creation_timeout_secs: u64,
+    /// Idle connections close after this long.
+    pub idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,9 +268,12 @@ impl Config {
                 self.default_handler
             )));
         }
-        if self.streaming.token_ttl_secs == 0 || self.streaming.stream_creation_timeout_secs == 0 {
+        if self.streaming.token_ttl_secs == 0
+            || self.streaming.stream_creation_timeout_secs == 0
+            || self.streaming.idle_timeout_secs == 0
+        {
             return Err(ConfigError::Invalid(
-                "streaming: token_ttl_secs and stream_creation_timeout_secs must be positive"
+                "streaming: token_ttl_secs, stream_creation_timeout_secs and idle_timeout_secs must be positive"
                     .into(),
             ));
         }

@@ -161,6 +161,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
             stream_creation_timeout: Duration::from_secs(
                 config.streaming.stream_creation_timeout_secs,
             ),
+            idle_timeout: Duration::from_secs(config.streaming.idle_timeout_secs),
         },
         Arc::new(StreamHandler::new(containers.clone())),
     )

@@ -7,6 +7,7 @@
 //! handed to a [`Handler`], which the daemon implements with the guest
 //! agent's RPCs.
 
+mod idle;
 mod portforward;
 mod remotecommand;
 mod server;

@@ -47,12 +47,15 @@ pub struct Config {
     pub token_ttl: Duration,
     /// How long a client may take to open its streams after upgrading.
     pub stream_creation_timeout: Duration,
+    /// A connection without a byte either way for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 struct Inner {
     tokens: Tokens,
     handler: Arc<dyn Handler>,
     creation_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// The running streaming server.
@@ -77,6 +80,7 @@ impl Server {
             tokens: Tokens::new(config.token_ttl),
             handler,
             creation_timeout: config.stream_creation_timeout,
+            idle_timeout: config.idle_timeout,
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         tracing::info!(%addr, "streaming server listening");
@@ -324,8 +328,13 @@ fn handle(inner: Arc<Inner>, mut req: hyper::Request<Incoming>) -> Response<Full
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => TokioIo::new(u),
+        let (upgraded, _watchdog) = match on_upgrade.await {
+            Ok(u) => {
+                let (io, watchdog) = crate::idle::watch(TokioIo::new(u), inner.idle_timeout);
+                // Ends with the connection's task (dropped when it is done).
+                let dog = crate::AbortOnDrop(tokio::spawn(watchdog));
+                (io, dog)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "streaming upgrade failed");
                 return;

@@ -135,7 +135,7 @@ impl Connection {
         let (out, out_rx) = mpsc::channel(64);
         let (streams_tx, streams) = mpsc::channel(16);
         let (gone_tx, gone) = watch::channel(false);
-        let writer = tokio::spawn(write_frames(wr, out_rx));
+        let writer = tokio::spawn(write_frames(wr, out_rx, gone.clone()));
         let reader = tokio::spawn({
             let out = out.clone();
             async move {
@@ -192,9 +192,31 @@ impl Connection {
     }
 }
 
-async fn write_frames<W: AsyncWrite + Send + Unpin>(wr: W, mut frames: mpsc::Receiver<Frame>) {
+/// Writes queued frames until every sender is gone, or the client is (it
+/// left, or the connection went idle): then what is queued goes out and
+/// the connection is shut.
+async fn write_frames<W: AsyncWrite + Send + Unpin>(
+    wr: W,
+    mut frames: mpsc::Receiver<Frame>,
+    mut gone: watch::Receiver<bool>,
+) {
     let mut sink = FramedWrite::new(wr, FrameEncoder::new());
-    while let Some(f) = frames.recv().await {
+    loop {
+        let f = tokio::select! {
+            f = frames.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            _ = async { let _ = gone.wait_for(|g| *g).await; } => {
+                while let Ok(f) = frames.try_recv() {
+                    if sink.feed(f).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = sink.flush().await;
+                break;
+            }
+        };
         if sink.feed(f).await.is_err() {
             return;
         }

@@ -82,8 +82,16 @@ impl WsConn {
         let (out, mut out_rx) = mpsc::channel::<Message>(64);
         let (in_tx, incoming) = mpsc::channel(16);
         let (gone_tx, gone) = watch::channel(false);
+        let mut left = gone.clone();
+        // Writes until every sender is gone or the client is (it left, or
+        // the connection went idle); what is queued still goes out.
         let writer = tokio::spawn(async move {
-            while let Some(m) = out_rx.recv().await {
+            loop {
+                let m = tokio::select! {
+                    m = out_rx.recv() => m,
+                    _ = async { let _ = left.wait_for(|g| *g).await; } => out_rx.try_recv().ok(),
+                };
+                let Some(m) = m else { break };
                 let closing = matches!(m, Message::Close(_));
                 if sink.send(m).await.is_err() || closing {
                     break;
