@@ -75,6 +75,20 @@ async fn start(
     id
 }
 
+/// Stops and removes a pod: its agent or VM must not outlive the test.
+async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
 /// The containers every streaming test uses.
 struct Pod {
     id: String,
@@ -565,6 +579,7 @@ fn process_backend_streams() {
             pcode(rt.port_forward(pf(&pod.id, 70000)).await),
             Code::InvalidArgument
         );
+        remove_pod(&mut rt, &pod.id).await;
     });
 }
 
@@ -578,15 +593,6 @@ fn microvm_streams() {
         pull(&mut images, &setup.image).await;
         let pod = pod_with_containers(&mut rt, "vmcri", &setup.image, &logs).await;
         streams_work(&mut rt, &pod, &logs).await;
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.id.clone(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.id,
-        })
-        .await
-        .expect("RemovePodSandbox");
+        remove_pod(&mut rt, &pod.id).await;
     });
 }
