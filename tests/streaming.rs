@@ -361,22 +361,14 @@ fn process_backend_streams() {
         let e = spdy_exec(&url, "v4.channel.k8s.io", io())
             .await
             .expect_err("reused token");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(404),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(404), "{e}");
         // It expires (this daemon's TTL is 3 s).
         let url = exec_url(&mut rt, &pod.echo, &["true"], false, false).await;
         tokio::time::sleep(Duration::from_millis(3500)).await;
         let e = ws_exec(&url, "v4.channel.k8s.io", io())
             .await
             .expect_err("expired token");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(404),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(404), "{e}");
         // It is bound to its kind, and spent by misuse.
         let url = exec_url(&mut rt, &pod.echo, &["true"], false, false).await;
         let e = spdy_exec(
@@ -386,29 +378,17 @@ fn process_backend_streams() {
         )
         .await
         .expect_err("exec token on /attach");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(400),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(400), "{e}");
         let e = spdy_exec(&url, "v4.channel.k8s.io", io())
             .await
             .expect_err("spent token");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(404),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(404), "{e}");
         // An unsupported protocol is refused before the token is spent.
         let url = exec_url(&mut rt, &pod.echo, &["true"], false, false).await;
         let e = spdy_exec(&url, "v1.channel.k8s.io", io())
             .await
             .expect_err("v1");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(403),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(403), "{e}");
         assert_eq!(
             spdy_exec(&url, "v4.channel.k8s.io", io())
                 .await
@@ -421,11 +401,7 @@ fn process_backend_streams() {
         let e = ws_forward(&url, &[(22, b"x".to_vec(), 1)])
             .await
             .expect_err("port outside the request");
-        assert_eq!(
-            e.downcast_ref::<Refused>().map(|r| r.code),
-            Some(403),
-            "{e}"
-        );
+        assert_eq!(refused_code(&e), Some(403), "{e}");
 
         // Malformed SPDY frames reset their stream; the connection goes on.
         let url = forward_url(&mut rt, &pod.id, &[]).await;

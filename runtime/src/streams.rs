@@ -47,17 +47,23 @@ fn forward_resizes(
     })
 }
 
-/// Sends `data` to `stream` unless the client is gone (then drops it).
-async fn deliver(stream: &Option<tokio::sync::mpsc::Sender<Bytes>>, data: Vec<u8>) {
+/// Sends a chunk of output to the client's stdout or stderr, as it came,
+/// unless the client did not ask for that stream or is gone.
+async fn deliver(io: &Io, chunk: pb::OutputChunk) {
+    let stream = if chunk.stream == pb::output_chunk::Stream::Stderr as i32 {
+        &io.stderr
+    } else {
+        &io.stdout
+    };
     if let Some(tx) = stream {
-        let _ = tx.send(Bytes::from(data)).await;
+        let _ = tx.send(Bytes::from(chunk.data)).await;
     }
 }
 
 async fn exec(
     containers: Arc<Containers>,
     req: ExecRequest,
-    io: Io,
+    mut io: Io,
 ) -> Result<i32, ContainerError> {
     let (rec, agent) = containers.running(&req.container_id).await?;
     let exec_id = new_id()[..16].to_string();
@@ -74,24 +80,21 @@ async fn exec(
         .await?;
     tracing::info!(container_id = %rec.id, exec_id, tty = req.tty, "streaming exec started");
     let process = pref(&rec.id, &exec_id);
-    let stdin = io.stdin.map(|rx| {
+    let stdin = io.stdin.take().map(|rx| {
         let (agent, process) = (agent.clone(), process.clone());
         tokio::spawn(async move { agent.write_stdin(process, rx, true).await })
     });
     let resize = io
         .resize
+        .take()
         .map(|rx| forward_resizes(agent.clone(), process.clone(), rx));
     let mut output = agent.read_output(process.clone(), 0).await?;
     while let Some(chunk) = output.next().await {
         let Ok(chunk) = chunk else { break };
-        if chunk.stream == pb::output_chunk::Stream::Stderr as i32 {
-            deliver(&io.stderr, chunk.data).await;
-        } else {
-            deliver(&io.stdout, chunk.data).await;
-        }
+        deliver(&io, chunk).await;
     }
     let ended = agent.wait(process).await;
-    for t in [resize].into_iter().flatten() {
+    if let Some(t) = resize {
         t.abort();
     }
     if let Some(t) = stdin {
@@ -105,13 +108,13 @@ async fn exec(
 async fn attach(
     containers: Arc<Containers>,
     req: AttachRequest,
-    io: Io,
+    mut io: Io,
 ) -> Result<i32, ContainerError> {
     let (rec, agent, mut output, mut exited) = containers.attach(&req.container_id).await?;
     let process = pref(&rec.id, "");
     // The container's stdin outlives this client unless it asked for
     // stdin_once; closing it is then the first client's EOF.
-    let stdin = match io.stdin {
+    let stdin = match io.stdin.take() {
         Some(rx) if rec.stdin => {
             let (agent, process, once) = (agent.clone(), process.clone(), rec.stdin_once);
             Some(tokio::spawn(async move {
@@ -120,7 +123,7 @@ async fn attach(
         }
         _ => None,
     };
-    let resize = match io.resize {
+    let resize = match io.resize.take() {
         Some(rx) if rec.tty => Some(forward_resizes(agent.clone(), process, rx)),
         _ => None,
     };
@@ -128,8 +131,7 @@ async fn attach(
     loop {
         tokio::select! {
             chunk = output.recv() => match chunk {
-                Ok(c) if c.stream == pb::output_chunk::Stream::Stderr as i32 => deliver(&io.stderr, c.data).await,
-                Ok(c) => deliver(&io.stdout, c.data).await,
+                Ok(c) => deliver(&io, c).await,
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(container_id = %rec.id, chunks = n, "an attached client fell behind and lost output (the log has it)");
                 }
@@ -138,17 +140,13 @@ async fn attach(
             _ = async { let _ = exited.wait_for(|e| *e).await; } => {
                 // Hand over what was copied before the exit was recorded.
                 while let Ok(c) = output.try_recv() {
-                    if c.stream == pb::output_chunk::Stream::Stderr as i32 {
-                        deliver(&io.stderr, c.data).await;
-                    } else {
-                        deliver(&io.stdout, c.data).await;
-                    }
+                    deliver(&io, c).await;
                 }
                 break;
             }
         }
     }
-    for t in [resize].into_iter().flatten() {
+    if let Some(t) = resize {
         t.abort();
     }
     if let Some(t) = stdin {

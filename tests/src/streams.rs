@@ -78,6 +78,11 @@ impl std::fmt::Display for Refused {
 }
 impl std::error::Error for Refused {}
 
+/// The HTTP status of a refused upgrade, if that is what `e` is.
+pub fn refused_code(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<Refused>().map(|r| r.code)
+}
+
 struct StreamState {
     data: mpsc::UnboundedSender<Bytes>,
     reply: Option<oneshot::Sender<Result<(), u32>>>,

@@ -4,14 +4,14 @@
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::io::Interest;
 
 /// A listening console socket; the socket file goes when it drops.
 pub struct ConsoleSocket {
-    listener: UnixListener,
+    listener: tokio::net::UnixListener,
     path: PathBuf,
 }
 
@@ -19,8 +19,7 @@ impl ConsoleSocket {
     /// Listens at `path` (replacing a stale socket file).
     pub fn bind(path: &Path) -> io::Result<ConsoleSocket> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::bind(path)?;
         Ok(ConsoleSocket {
             listener,
             path: path.to_path_buf(),
@@ -36,71 +35,60 @@ impl ConsoleSocket {
     /// process connected before libcontainer's build returned, so this
     /// only waits if it failed; `timeout` bounds that.
     pub async fn receive(&self, timeout: Duration) -> io::Result<OwnedFd> {
-        let until = Instant::now() + timeout;
-        let stream = loop {
-            match self.listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= until {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the container never sent its terminal",
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        // The agent is single-threaded: poll instead of blocking it.
-        stream.set_nonblocking(true)?;
-        let mut name = [0u8; 64];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let fds = loop {
-            let mut iov = [IoSliceMut::new(&mut name)];
-            match recvmsg::<UnixAddr>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => {
-                    let mut fds = Vec::new();
-                    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(got) = cmsg {
-                            fds.extend(got);
-                        }
-                    }
-                    break fds;
-                }
-                Err(nix::errno::Errno::EAGAIN) if Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(nix::errno::Errno::EAGAIN) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the container never sent its terminal",
-                    ));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let mut master = None;
-        for fd in fds {
-            // SAFETY: SCM_RIGHTS gave us these descriptors; each is owned
-            // exactly once here (extras close on drop).
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            if master.is_none() {
-                master = Some(owned);
-            }
-        }
-        master.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the console socket carried no terminal descriptor",
-            )
-        })
+        tokio::time::timeout(timeout, self.receive_fds())
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the container never sent its terminal",
+                )
+            })?
+            .and_then(first_fd)
     }
+
+    /// The descriptors of the first message on the first connection.
+    async fn receive_fds(&self) -> io::Result<Vec<RawFd>> {
+        let (stream, _) = self.listener.accept().await?;
+        stream
+            .async_io(Interest::READABLE, || {
+                let mut name = [0u8; 64];
+                let mut space = nix::cmsg_space!([RawFd; 1]);
+                let mut iov = [IoSliceMut::new(&mut name)];
+                let msg = recvmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )?;
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(got) = cmsg {
+                        fds.extend(got);
+                    }
+                }
+                Ok(fds)
+            })
+            .await
+    }
+}
+
+/// Owns every received descriptor and keeps the first, the master.
+fn first_fd(fds: Vec<RawFd>) -> io::Result<OwnedFd> {
+    let mut master = None;
+    for fd in fds {
+        // SAFETY: SCM_RIGHTS gave us these descriptors; each is owned
+        // exactly once here (extras close on drop).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if master.is_none() {
+            master = Some(owned);
+        }
+    }
+    master.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the console socket carried no terminal descriptor",
+        )
+    })
 }
 
 impl Drop for ConsoleSocket {

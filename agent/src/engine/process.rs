@@ -371,37 +371,34 @@ impl Proc {
                 "the process has no open stdin",
             ));
         };
-        // Non-blocking writes on the agent's own thread: a helper thread
-        // would risk the AVX-state corruption nested hosts have (main.rs).
-        let mut done = 0;
-        while done < data.len() {
-            let mut ready = fd.writable().await?;
-            match ready.try_io(|f| f.get_ref().write(&data[done..])) {
-                Ok(Ok(n)) => done += n,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
-        }
+        write_all(fd, data).await?;
         if eof {
             if self.tty.is_some() {
                 // A terminal cannot be half-closed: end of input is the
                 // EOF character, as when a user types ^D.
-                let mut sent = false;
-                while !sent {
-                    let mut ready = fd.writable().await?;
-                    match ready.try_io(|f| f.get_ref().write(&[4u8])) {
-                        Ok(Ok(n)) => sent = n == 1,
-                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Ok(Err(e)) => return Err(e),
-                        Err(_would_block) => {}
-                    }
-                }
+                write_all(fd, &[4u8]).await?;
             }
             *guard = None;
         }
-        Ok(done)
+        Ok(data.len())
     }
+}
+
+/// Writes all of `data` to non-blocking `fd`, on the agent's own thread:
+/// a helper thread would risk the AVX-state corruption nested hosts have
+/// (main.rs).
+async fn write_all(fd: &AsyncFd<File>, data: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let mut ready = fd.writable().await?;
+        match ready.try_io(|f| f.get_ref().write(&data[done..])) {
+            Ok(Ok(n)) => done += n,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
