@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use vmm_sys_util::epoll::EventSet;
 
 /// Guest data we accept per connection before the host side reads it:
 /// the receive buffer we advertise. The guest may not exceed it, so this
@@ -70,44 +71,69 @@ pub struct Connection {
     peer_done_receiving: bool,
     /// The host socket reached end of file or failed.
     host_eof: bool,
+    /// Epoll reported a hang-up or an error on the host socket. It keeps
+    /// reporting it whatever the event mask, so the socket stays out of
+    /// epoll from then on; it no longer needs it, as neither reads nor
+    /// writes can block any more.
+    host_hup: bool,
     /// The host socket has data we have not read yet.
     pub host_readable: bool,
     /// When to give up waiting on the guest (connect or close).
     pub deadline: Option<Instant>,
+    /// How long the guest may stall the teardown once the host side is
+    /// gone (see `muxer::CLOSE_TIMEOUT`).
+    close_timeout: Duration,
 }
 
-/// What the muxer should do with a connection after a guest packet.
-#[derive(Debug, PartialEq, Eq)]
+/// What the muxer should do with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Keep it.
     Keep,
     /// Drop it now, without telling the guest.
     Drop,
+    /// Drop it now and send the guest an RST for it.
+    Reset,
 }
 
 impl Connection {
-    /// A host-initiated connection to guest port `peer_port`.
+    /// A host-initiated connection to guest port `peer_port`, which the
+    /// guest must accept by `deadline`.
     pub fn host_initiated(
         stream: UnixStream,
         guest_cid: u64,
         local_port: u32,
         peer_port: u32,
         deadline: Instant,
+        close_timeout: Duration,
     ) -> Self {
-        let mut c = Self::new(stream, guest_cid, local_port, peer_port, State::LocalInit);
+        let mut c = Self::new(
+            stream,
+            guest_cid,
+            local_port,
+            peer_port,
+            State::LocalInit,
+            close_timeout,
+        );
         c.owed.request = true;
         c.deadline = Some(deadline);
         c
     }
 
     /// A guest-initiated connection, already connected on the host side.
-    pub fn guest_initiated(stream: UnixStream, guest_cid: u64, hdr: &PacketHeader) -> Self {
+    pub fn guest_initiated(
+        stream: UnixStream,
+        guest_cid: u64,
+        hdr: &PacketHeader,
+        close_timeout: Duration,
+    ) -> Self {
         let mut c = Self::new(
             stream,
             guest_cid,
             hdr.dst_port,
             hdr.src_port,
             State::PeerInit,
+            close_timeout,
         );
         c.owed.response = true;
         c.update_peer_credit(hdr);
@@ -120,6 +146,7 @@ impl Connection {
         local_port: u32,
         peer_port: u32,
         state: State,
+        close_timeout: Duration,
     ) -> Self {
         Connection {
             stream,
@@ -138,8 +165,10 @@ impl Connection {
             peer_done_sending: false,
             peer_done_receiving: false,
             host_eof: false,
+            host_hup: false,
             host_readable: false,
             deadline: None,
+            close_timeout,
         }
     }
 
@@ -206,17 +235,33 @@ impl Connection {
             op::RST => return Verdict::Drop,
             _ => return self.reset(),
         }
-        Verdict::Keep
+        self.verdict()
     }
 
-    /// Marks the connection for an RST; it is dropped once that is sent.
+    /// Marks the connection for an RST: the muxer sends it and drops the
+    /// connection.
     pub fn reset(&mut self) -> Verdict {
         self.owed = Owed {
             rst: true,
             ..Owed::default()
         };
         self.state = State::Closing;
-        Verdict::Keep
+        self.deadline = None;
+        Verdict::Reset
+    }
+
+    /// What the muxer should do with the connection now: reset it once it
+    /// owes an RST (the muxer queues that itself, so a guest that posts no
+    /// rx buffers cannot keep the host socket open), drop it once its RST
+    /// went out.
+    pub fn verdict(&self) -> Verdict {
+        if self.owed.rst {
+            Verdict::Reset
+        } else if self.state == State::Closing && !self.owed.shutdown && self.deadline.is_none() {
+            Verdict::Drop
+        } else {
+            Verdict::Keep
+        }
     }
 
     /// Moves queued guest data to the host socket, as much as it takes.
@@ -265,6 +310,28 @@ impl Connection {
             && self.peer_credit() > 0
     }
 
+    /// The epoll events to register the host socket for; `None` if it must
+    /// not be in the epoll set at all. That is the case once the host
+    /// side hung up: epoll reports a hang-up on every wait whatever the
+    /// mask, and the socket needs no more waiting. Otherwise the mask may
+    /// be empty, while the guest cannot take data (no credit or no rx
+    /// buffers: `host_readable` stays set until a read would block) and
+    /// nothing waits for the host: the registration then only watches for
+    /// the hang-up, which comes once and takes the socket out.
+    pub fn host_interest(&self) -> Option<EventSet> {
+        if self.host_hup {
+            return None;
+        }
+        let mut events = EventSet::empty();
+        if self.wants_host_read() && !self.host_readable {
+            events |= EventSet::IN;
+        }
+        if self.wants_host_write() {
+            events |= EventSet::OUT;
+        }
+        Some(events)
+    }
+
     /// True if a control packet or data is waiting for an rx buffer.
     pub fn has_rx_work(&self) -> bool {
         let o = self.owed;
@@ -274,14 +341,6 @@ impl Connection {
             || o.shutdown
             || o.rst
             || (self.host_readable && self.wants_host_read())
-    }
-
-    /// True once an owed RST has gone out: the muxer removes the connection.
-    pub fn finished(&self) -> bool {
-        self.state == State::Closing
-            && !self.owed.rst
-            && !self.owed.shutdown
-            && self.deadline.is_none()
     }
 
     /// The header of a packet from the host side of this connection.
@@ -301,9 +360,10 @@ impl Connection {
     }
 
     /// The next control packet owed, if any, marking it sent. After our
-    /// SHUTDOWN the guest owes an RST, which it must send by
-    /// `close_deadline`.
-    pub fn next_control(&mut self, close_deadline: Instant) -> Option<PacketHeader> {
+    /// SHUTDOWN the guest owes an RST, which it must send within the close
+    /// timeout.
+    pub fn next_control(&mut self) -> Option<PacketHeader> {
+        let close_deadline = Instant::now() + self.close_timeout;
         let o = &mut self.owed;
         let (op, flags) = if o.rst {
             o.rst = false;
@@ -353,6 +413,11 @@ impl Connection {
                     buf.truncate(n);
                     self.rx_cnt += Wrapping(n as u32);
                     self.fwd_cnt_told = self.fwd_cnt;
+                    if self.host_hup {
+                        // The guest is draining what the host left: slow
+                        // perhaps, but not stalled.
+                        self.deadline = Some(Instant::now() + self.close_timeout);
+                    }
                     return Ok(buf);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -376,6 +441,7 @@ impl Connection {
             State::Established => {
                 self.owed.shutdown = true;
                 self.state = State::Closing;
+                self.linger();
             }
             State::LocalInit | State::PeerInit => {
                 self.reset();
@@ -384,11 +450,39 @@ impl Connection {
         }
     }
 
+    /// Epoll reported a hang-up or an error on the host socket: the host
+    /// side is gone. What it wrote before is still read for the guest (a
+    /// read returns it, then end of file, without blocking); what the
+    /// guest sent can no longer be delivered.
+    pub fn on_host_hangup(&mut self) {
+        if self.host_hup {
+            return;
+        }
+        self.host_hup = true;
+        self.host_readable = true;
+        self.to_host.clear();
+        self.ours_queued = 0;
+        match self.state {
+            // The client left before the guest accepted: nobody to connect.
+            State::LocalInit => {
+                self.reset();
+            }
+            State::PeerInit | State::Established => self.linger(),
+            State::Closing => {}
+        }
+    }
+
+    /// The host side is gone: start the clock on the teardown, so a guest
+    /// that takes nothing more (no rx buffers, no credit, no RST) cannot
+    /// keep the connection forever. A running deadline is kept.
+    fn linger(&mut self) {
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.close_timeout);
+        }
+    }
+
     /// The deadline passed: give up on the guest and reset.
     pub fn expire(&mut self) {
-        if !self.owed.rst {
-            self.reset();
-        }
-        self.deadline = None;
+        self.reset();
     }
 }

@@ -20,6 +20,7 @@ use super::virtio_mmio::{
 use muxer::{Muxer, LISTENER_TOKEN};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +73,10 @@ impl Vsock {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(uds_path)?;
+        // Only root may reach the guest's agent, whatever the umask; the
+        // runtime also keeps the socket's directory 0700, so there is no
+        // window between bind and chmod.
+        std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600))?;
         Ok(Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -116,16 +121,8 @@ impl Worker {
         // Work may be queued before the first kick.
         self.process_queues();
         loop {
-            let timeout = self
-                .muxer
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()).min(MAX_WAIT))
-                .unwrap_or(MAX_WAIT);
-            let n = match self
-                .muxer
-                .epoll()
-                .wait(timeout.as_millis() as i32, &mut events)
-            {
+            let timeout = wait_millis(self.muxer.next_deadline(), Instant::now());
+            let n = match self.muxer.epoll().wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                 Err(e) => {
@@ -167,6 +164,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// The epoll timeout in milliseconds from `now` to `deadline`, at most
+/// [`MAX_WAIT`]. Rounded up: rounded down, the wait would end just before
+/// the deadline, and waits of 0 ms would follow until it passed.
+fn wait_millis(deadline: Option<Instant>, now: Instant) -> i32 {
+    let wait = deadline
+        .map_or(MAX_WAIT, |d| d.saturating_duration_since(now))
+        .min(MAX_WAIT);
+    i32::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
 }
 
 /// Writes a transport-reset event into the guest's event queue: after a
@@ -259,5 +266,35 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoll_waits_until_the_deadline_has_passed() {
+        let now = Instant::now();
+        let in_300us = Some(now + Duration::from_micros(300));
+        assert_eq!(wait_millis(in_300us, now), 1, "not 0: that would spin");
+        assert_eq!(wait_millis(Some(now + Duration::from_millis(7)), now), 7);
+        assert_eq!(wait_millis(Some(now), now + Duration::from_secs(1)), 0);
+        assert_eq!(wait_millis(Some(now + Duration::from_secs(60)), now), 1000);
+        assert_eq!(wait_millis(None, now), 1000);
+    }
+
+    #[test]
+    fn the_agent_socket_is_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        // SAFETY: umask only changes this process's file mode mask.
+        let old = unsafe { libc::umask(0) };
+        let v = Vsock::new(3, &path);
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        v.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

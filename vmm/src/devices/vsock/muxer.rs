@@ -27,8 +27,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to accept a host connection. Generous: a
 /// guest kernel here runs ~1000x slower than on bare metal.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the guest may take to answer our SHUTDOWN with RST.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the guest may stall the teardown of a connection whose host
+/// side is gone: to take what the host left (each packet it takes
+/// restarts the clock) and our SHUTDOWN, then to answer with RST. Then
+/// the connection is reset. Without it a hostile guest could hold the host
+/// socket and a connection slot forever, by posting no rx buffers, giving
+/// no credit or never answering; a live Linux guest answers at once
+/// unless its application has not read everything yet.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First pause of the listener after accept() failed for want of fds or
+/// memory: the client stays in the backlog, so the listener stays
+/// readable and retrying at once would spin.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest such pause: the pause doubles while accept() keeps failing,
+/// and this bounds how late we notice that resources freed up.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// First host port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -36,6 +49,97 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 pub const LISTENER_TOKEN: u64 = u64::MAX - 1;
 
 type Key = (u32, u32);
+
+/// The muxer's timeouts and backoffs; the defaults are the constants
+/// above, tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long a host client may take to send `CONNECT <port>\n`.
+    pub handshake: Duration,
+    /// How long the guest may take to accept a host connection.
+    pub connect: Duration,
+    /// How long the guest may stall a teardown (see `CLOSE_TIMEOUT`).
+    pub close: Duration,
+    /// First pause of the listener after a failed accept().
+    pub accept_backoff_min: Duration,
+    /// Longest pause of the listener.
+    pub accept_backoff_max: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: HANDSHAKE_TIMEOUT,
+            connect: CONNECT_TIMEOUT,
+            close: CLOSE_TIMEOUT,
+            accept_backoff_min: ACCEPT_BACKOFF_MIN,
+            accept_backoff_max: ACCEPT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// The listener's pauses after accept() failures that retrying at once
+/// cannot fix (out of fds or memory): growing while the failures last.
+#[derive(Debug, Clone, Copy)]
+struct AcceptBackoff {
+    min: Duration,
+    max: Duration,
+    /// The pause after the next failure.
+    next: Duration,
+    /// While paused: when to try again.
+    until: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        AcceptBackoff {
+            min,
+            max,
+            next: min,
+            until: None,
+        }
+    }
+
+    /// accept() failed at `now`: pause, twice as long as the last time.
+    fn fail(&mut self, now: Instant) {
+        self.until = Some(now + self.next);
+        self.next = self.next.saturating_mul(2).min(self.max);
+    }
+
+    /// The backlog drained: the listener is healthy again.
+    fn clear(&mut self) {
+        self.until = None;
+        self.next = self.min;
+    }
+
+    fn paused(&self) -> bool {
+        self.until.is_some()
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| u <= now)
+    }
+}
+
+/// What an accept() error means for the listener.
+#[derive(Debug, PartialEq, Eq)]
+enum AcceptError {
+    /// Try the next client now: interrupted, or this client gave up.
+    Retry,
+    /// The backlog is empty.
+    Drained,
+    /// Out of fds, memory or buffers: trying again at once would fail the
+    /// same way.
+    BackOff,
+}
+
+fn classify_accept_error(e: &io::Error) -> AcceptError {
+    match e.kind() {
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => AcceptError::Retry,
+        io::ErrorKind::WouldBlock => AcceptError::Drained,
+        _ => AcceptError::BackOff,
+    }
+}
 
 struct Handshake {
     stream: UnixStream,
@@ -48,6 +152,8 @@ struct Handshake {
 pub struct Stats {
     /// Guest packets dropped as malformed.
     pub malformed: u64,
+    /// accept() failures that paused the listener.
+    pub accept_failures: u64,
 }
 
 /// The connection table and its sockets.
@@ -63,6 +169,8 @@ pub struct Muxer {
     rsts: VecDeque<PacketHeader>,
     next_local_port: u32,
     stats: Stats,
+    timeouts: Timeouts,
+    backoff: AcceptBackoff,
 }
 
 fn epoll_event(events: EventSet, token: u64) -> EpollEvent {
@@ -72,6 +180,16 @@ fn epoll_event(events: EventSet, token: u64) -> EpollEvent {
 impl Muxer {
     /// A muxer serving `listener` (bound at the VM's `vsock.sock`).
     pub fn new(guest_cid: u64, uds_path: &Path, listener: UnixListener) -> io::Result<Self> {
+        Self::with_timeouts(guest_cid, uds_path, listener, Timeouts::default())
+    }
+
+    /// [`Muxer::new`] with other timeouts.
+    pub fn with_timeouts(
+        guest_cid: u64,
+        uds_path: &Path,
+        listener: UnixListener,
+        timeouts: Timeouts,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -91,6 +209,8 @@ impl Muxer {
             rsts: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             stats: Stats::default(),
+            timeouts,
+            backoff: AcceptBackoff::new(timeouts.accept_backoff_min, timeouts.accept_backoff_max),
         })
     }
 
@@ -116,10 +236,7 @@ impl Muxer {
     }
 
     fn queue_rst(&mut self, to: &PacketHeader) {
-        if self.rsts.len() >= MAX_QUEUED_RSTS {
-            self.rsts.pop_front();
-        }
-        self.rsts.push_back(PacketHeader {
+        self.push_rst(PacketHeader {
             src_cid: VSOCK_HOST_CID,
             dst_cid: self.guest_cid,
             src_port: to.dst_port,
@@ -131,6 +248,13 @@ impl Muxer {
             buf_alloc: 0,
             fwd_cnt: 0,
         });
+    }
+
+    fn push_rst(&mut self, rst: PacketHeader) {
+        if self.rsts.len() >= MAX_QUEUED_RSTS {
+            self.rsts.pop_front();
+        }
+        self.rsts.push_back(rst);
     }
 
     // ---- guest -> host -------------------------------------------------
@@ -191,9 +315,8 @@ impl Muxer {
     fn on_guest_packet(&mut self, hdr: &PacketHeader, payload: &[u8]) {
         let key = (hdr.dst_port, hdr.src_port);
         if let Some(conn) = self.conns.get_mut(&key) {
-            if conn.on_guest_packet(hdr, payload) == Verdict::Drop {
-                self.remove(key);
-            }
+            let verdict = conn.on_guest_packet(hdr, payload);
+            self.apply(key, verdict);
             return;
         }
         match hdr.op {
@@ -227,7 +350,7 @@ impl Muxer {
             self.queue_rst(hdr);
             return;
         }
-        let conn = Connection::guest_initiated(stream, self.guest_cid, hdr);
+        let conn = Connection::guest_initiated(stream, self.guest_cid, hdr, self.timeouts.close);
         self.insert(conn);
     }
 
@@ -236,24 +359,50 @@ impl Muxer {
         let fd = conn.stream().as_raw_fd();
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
-        self.set_interest(fd, EventSet::IN);
+        self.refresh_interest(key);
     }
 
-    fn remove(&mut self, key: Key) {
-        if let Some(conn) = self.conns.remove(&key) {
-            let fd = conn.stream().as_raw_fd();
-            self.by_fd.remove(&fd);
-            if self.interest.remove(&fd).is_some() {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    fd,
-                    epoll_event(EventSet::empty(), 0),
-                );
+    /// Takes a connection out of the table and epoll; dropping it closes
+    /// the host socket.
+    fn remove(&mut self, key: Key) -> Option<Connection> {
+        let conn = self.conns.remove(&key)?;
+        let fd = conn.stream().as_raw_fd();
+        self.by_fd.remove(&fd);
+        self.unregister(fd);
+        Some(conn)
+    }
+
+    /// Does what a connection's verdict says.
+    fn apply(&mut self, key: Key, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Drop => {
+                self.remove(key);
+            }
+            Verdict::Reset => {
+                // The RST waits in our queue rather than in the connection,
+                // so the host socket closes now, rx buffers or not.
+                if let Some(conn) = self.remove(key) {
+                    self.push_rst(conn.header(op::RST, 0, 0));
+                }
             }
         }
     }
 
-    fn set_interest(&mut self, fd: RawFd, events: EventSet) {
+    /// Registers a connection's socket for what it can use now.
+    fn refresh_interest(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get(&key) {
+            let (fd, events) = (conn.stream().as_raw_fd(), conn.host_interest());
+            self.set_interest(fd, events);
+        }
+    }
+
+    /// Registers `fd` for `events`, or takes it out of epoll for `None`.
+    fn set_interest(&mut self, fd: RawFd, events: Option<EventSet>) {
+        let Some(events) = events else {
+            self.unregister(fd);
+            return;
+        };
         let op = match self.interest.get(&fd) {
             Some(cur) if *cur == events => return,
             Some(_) => ControlOperation::Modify,
@@ -268,12 +417,22 @@ impl Muxer {
         }
     }
 
+    fn unregister(&mut self, fd: RawFd) {
+        if self.interest.remove(&fd).is_some() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                epoll_event(EventSet::empty(), 0),
+            );
+        }
+    }
+
     // ---- host sockets --------------------------------------------------
 
     /// Handles one epoll event for the listener or a socket.
     pub fn handle_event(&mut self, token: u64, events: EventSet) {
         if token == LISTENER_TOKEN {
-            self.accept_all();
+            self.accept_all(Instant::now());
             return;
         }
         let Ok(fd) = RawFd::try_from(token) else {
@@ -282,55 +441,97 @@ impl Muxer {
         if self.handshakes.contains_key(&fd) {
             self.continue_handshake(fd);
         } else if let Some(&key) = self.by_fd.get(&fd) {
-            if let Some(conn) = self.conns.get_mut(&key) {
-                if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                    conn.host_readable = true;
-                }
-                if events.contains(EventSet::OUT) {
-                    conn.flush_to_host();
-                }
+            self.on_host_event(key, events);
+        }
+    }
+
+    fn on_host_event(&mut self, key: Key, events: EventSet) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            conn.on_host_hangup();
+        } else {
+            if events.contains(EventSet::IN) {
+                conn.host_readable = true;
+            }
+            if events.contains(EventSet::OUT) {
+                conn.flush_to_host();
+            }
+        }
+        let verdict = conn.verdict();
+        self.apply(key, verdict);
+        // At once, not at the next update_interest(): a hang-up is
+        // reported again on every wait until the socket leaves epoll.
+        self.refresh_interest(key);
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.start_handshake(stream, now),
+                Err(e) => match classify_accept_error(&e) {
+                    AcceptError::Retry => continue,
+                    AcceptError::Drained => return self.resume_listener(now),
+                    AcceptError::BackOff => return self.pause_listener(now, &e),
+                },
             }
         }
     }
 
-    fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if self.handshakes.len() >= MAX_HANDSHAKES
-                        || stream.set_nonblocking(true).is_err()
-                    {
-                        tracing::warn!(
-                            "vsock: too many pending host handshakes; dropping a client"
-                        );
-                        continue;
-                    }
-                    let fd = stream.as_raw_fd();
-                    self.handshakes.insert(
-                        fd,
-                        Handshake {
-                            stream,
-                            buf: Vec::with_capacity(MAX_LINE),
-                            deadline: Instant::now() + HANDSHAKE_TIMEOUT,
-                        },
-                    );
-                    self.set_interest(fd, EventSet::IN);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+    fn start_handshake(&mut self, stream: UnixStream, now: Instant) {
+        if self.handshakes.len() >= MAX_HANDSHAKES || stream.set_nonblocking(true).is_err() {
+            tracing::warn!("vsock: too many pending host handshakes; dropping a client");
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        self.handshakes.insert(
+            fd,
+            Handshake {
+                stream,
+                buf: Vec::with_capacity(MAX_LINE),
+                deadline: now + self.timeouts.handshake,
+            },
+        );
+        self.set_interest(fd, Some(EventSet::IN));
+    }
+
+    /// Takes the listener out of epoll for a while after accept() failed
+    /// with `e`: the client is still in the backlog, so epoll would report
+    /// the listener on every wait. sweep() tries again when the pause ends.
+    fn pause_listener(&mut self, now: Instant, e: &io::Error) {
+        if !self.backoff.paused() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                epoll_event(EventSet::empty(), 0),
+            );
+        }
+        self.backoff.fail(now);
+        self.stats.accept_failures += 1;
+        // Rate-limited: the guest can run us out of fds, with one host
+        // socket per connection it opens.
+        guest_warn!(error = %e, "vsock: cannot accept host connections; retrying later");
+    }
+
+    /// The backlog drained: puts the listener back in epoll if paused.
+    fn resume_listener(&mut self, now: Instant) {
+        if self.backoff.paused() {
+            let added = self.epoll.ctl(
+                ControlOperation::Add,
+                self.listener.as_raw_fd(),
+                epoll_event(EventSet::IN, LISTENER_TOKEN),
+            );
+            if let Err(e) = added {
+                return self.pause_listener(now, &e);
             }
         }
+        self.backoff.clear();
     }
 
     fn drop_handshake(&mut self, fd: RawFd) -> Option<Handshake> {
         let hs = self.handshakes.remove(&fd)?;
-        if self.interest.remove(&fd).is_some() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                fd,
-                epoll_event(EventSet::empty(), 0),
-            );
-        }
+        self.unregister(fd);
         Some(hs)
     }
 
@@ -382,7 +583,8 @@ impl Muxer {
                     self.guest_cid,
                     local_port,
                     port,
-                    Instant::now() + CONNECT_TIMEOUT,
+                    Instant::now() + self.timeouts.connect,
+                    self.timeouts.close,
                 );
                 self.insert(conn);
             }
@@ -402,8 +604,12 @@ impl Muxer {
         }
     }
 
-    /// Times out stale handshakes and connections; call periodically.
+    /// Times out stale handshakes and connections, and retries accept()
+    /// after a pause; call periodically, and at [`Muxer::next_deadline`].
     pub fn sweep(&mut self, now: Instant) {
+        if self.backoff.due(now) {
+            self.accept_all(now);
+        }
         let stale: Vec<RawFd> = self
             .handshakes
             .iter()
@@ -415,28 +621,28 @@ impl Muxer {
         }
         for conn in self.conns.values_mut() {
             if conn.deadline.is_some_and(|d| d <= now) {
-                let was_connecting = conn.state() == State::LocalInit;
-                conn.expire();
-                if was_connecting {
+                if conn.state() == State::LocalInit {
                     tracing::warn!(
                         peer_port = conn.peer_port,
                         "vsock: guest did not accept a host connection in time"
                     );
                 }
+                conn.expire();
             }
         }
         self.reap();
     }
 
+    /// Drops or resets the connections whose state calls for it.
     fn reap(&mut self) {
-        let done: Vec<Key> = self
+        let settled: Vec<(Key, Verdict)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.finished())
-            .map(|(k, _)| *k)
+            .map(|(k, c)| (*k, c.verdict()))
+            .filter(|(_, v)| *v != Verdict::Keep)
             .collect();
-        for key in done {
-            self.remove(key);
+        for (key, verdict) in settled {
+            self.apply(key, verdict);
         }
     }
 
@@ -444,24 +650,15 @@ impl Muxer {
     pub fn next_deadline(&self) -> Option<Instant> {
         let hs = self.handshakes.values().map(|h| h.deadline);
         let cs = self.conns.values().filter_map(|c| c.deadline);
-        hs.chain(cs).min()
+        hs.chain(cs).chain(self.backoff.until).min()
     }
 
     /// Re-registers each socket for what its connection can use now.
     pub fn update_interest(&mut self) {
-        let wanted: Vec<(RawFd, EventSet)> = self
+        let wanted: Vec<(RawFd, Option<EventSet>)> = self
             .conns
             .values()
-            .map(|c| {
-                let mut ev = EventSet::empty();
-                if c.wants_host_read() && !c.host_readable {
-                    ev |= EventSet::IN;
-                }
-                if c.wants_host_write() {
-                    ev |= EventSet::OUT;
-                }
-                (c.stream().as_raw_fd(), ev)
-            })
+            .map(|c| (c.stream().as_raw_fd(), c.host_interest()))
             .collect();
         for (fd, ev) in wanted {
             self.set_interest(fd, ev);
@@ -519,9 +716,8 @@ impl Muxer {
         if let Some(hdr) = self.rsts.pop_front() {
             return write_packet(w, &hdr, &[]);
         }
-        let close_deadline = Instant::now() + CLOSE_TIMEOUT;
         for conn in self.conns.values_mut() {
-            if let Some(hdr) = conn.next_control(close_deadline) {
+            if let Some(hdr) = conn.next_control() {
                 return write_packet(w, &hdr, &[]);
             }
         }
@@ -539,7 +735,7 @@ impl Muxer {
                 Err(e) => tracing::debug!(error = %e, "vsock: host socket read failed"),
             }
             // EOF or nothing read: a control packet may now be owed.
-            if let Some(hdr) = conn.next_control(close_deadline) {
+            if let Some(hdr) = conn.next_control() {
                 return write_packet(w, &hdr, &[]);
             }
         }
@@ -600,6 +796,10 @@ mod tests {
 
     impl Guest {
         fn new() -> Guest {
+            Guest::with_timeouts(Timeouts::default())
+        }
+
+        fn with_timeouts(timeouts: Timeouts) -> Guest {
             let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
                 GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
             ));
@@ -610,7 +810,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("vsock.sock");
             let listener = UnixListener::bind(&path).unwrap();
-            let muxer = Muxer::new(GUEST_CID, &path, listener).unwrap();
+            let muxer = Muxer::with_timeouts(GUEST_CID, &path, listener, timeouts).unwrap();
             Guest {
                 mem,
                 rxq,
@@ -691,6 +891,26 @@ mod tests {
                 self.muxer.process_rx(&mut self.rx, self.mem);
                 self.muxer.update_interest();
             }
+        }
+
+        /// Runs the worker's loop for `period` and counts the epoll waits
+        /// that returned events: each costs a trip through the loop, so a
+        /// muxer with nothing it can do must not be woken.
+        fn wakeups_over(&mut self, period: Duration) -> usize {
+            let end = Instant::now() + period;
+            let mut events = vec![EpollEvent::default(); 16];
+            let mut wakeups = 0;
+            while Instant::now() < end {
+                let n = self.muxer.epoll().wait(5, &mut events).unwrap();
+                wakeups += usize::from(n > 0);
+                for ev in &events[..n] {
+                    self.muxer.handle_event(ev.data(), ev.event_set());
+                }
+                self.muxer.sweep(Instant::now());
+                self.muxer.process_rx(&mut self.rx, self.mem);
+                self.muxer.update_interest();
+            }
+            wakeups
         }
 
         /// Packets the device put in rx buffers since the last call.
@@ -1000,5 +1220,238 @@ mod tests {
         assert!(closed(&mut junk));
         assert!(closed(&mut long));
         assert!(g.received().is_empty(), "the guest never hears of them");
+    }
+
+    #[test]
+    fn host_hangup_while_guest_posts_no_buffers_does_not_spin() {
+        let mut g = Guest::new();
+        g.post_rx(1);
+        let mut client = UnixStream::connect(g.uds()).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        g.pump();
+        let host_port = g.received()[0].0.src_port;
+        g.send(hdr(op::RESPONSE, 1024, host_port, 0), &[]);
+        let mut line = [0u8; 14];
+        client.read_exact(&mut line).unwrap();
+        // The guest's only buffer went to the REQUEST; now the host hangs up.
+        drop(client);
+        let wakeups = g.wakeups_over(Duration::from_millis(200));
+        assert!(wakeups < 5, "{wakeups} wakeups in 200 ms");
+        assert!(g.muxer.interest.is_empty(), "the socket left epoll");
+        // Once the guest posts buffers it hears of the close.
+        g.post_rx(2);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::SHUTDOWN]);
+    }
+
+    #[test]
+    fn host_hangup_while_guest_gives_no_credit_does_not_spin() {
+        let mut g = Guest::new();
+        let mut path = g.uds().into_os_string();
+        path.push("_54");
+        let host = UnixListener::bind(&path).unwrap();
+        g.post_rx(8);
+        let mut req = hdr(op::REQUEST, 6002, 54, 0);
+        req.buf_alloc = 0;
+        g.send(req, &[]);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
+        let (mut peer, _) = host.accept().unwrap();
+        peer.write_all(b"bye").unwrap();
+        drop(peer);
+        let wakeups = g.wakeups_over(Duration::from_millis(200));
+        assert!(wakeups < 5, "{wakeups} wakeups in 200 ms");
+        assert!(g.muxer.interest.is_empty(), "the socket left epoll");
+        assert!(g.received().is_empty(), "no credit, no data");
+        // Credit arrives: the data, then the close.
+        let mut upd = hdr(op::CREDIT_UPDATE, 6002, 54, 0);
+        upd.buf_alloc = 4096;
+        g.send(upd, &[]);
+        g.pump();
+        let got = g.received();
+        assert_eq!(ops(&got), vec![op::RW, op::SHUTDOWN]);
+        assert_eq!(got[0].1, b"bye");
+    }
+
+    /// Set in the environment of the child that runs [`emfile_child`].
+    const EMFILE_CHILD_ENV: &str = "VMCRI_VSOCK_TEST_EMFILE_CHILD";
+
+    /// accept() failing with EMFILE must back off, not spin. The body runs
+    /// in a child process of its own (this test binary, re-executed, not
+    /// forked) because it lowers the fd limit of the whole process.
+    #[test]
+    fn accept_out_of_fds_backs_off_and_recovers() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "devices::vsock::muxer::tests::emfile_child",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(EMFILE_CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The body of [`accept_out_of_fds_backs_off_and_recovers`]; does
+    /// nothing unless run by it.
+    #[test]
+    fn emfile_child() {
+        if std::env::var_os(EMFILE_CHILD_ENV).is_none() {
+            return;
+        }
+        let mut g = Guest::new();
+        g.post_rx(1);
+        let mut client = UnixStream::connect(g.uds()).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        // open() takes the lowest free fd, so every fd below `spare` is in
+        // use: with the limit just above it, accept() finds none.
+        let spare = std::fs::File::open("/dev/null").unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid rlimit for the kernel to fill.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        lim.rlim_cur = spare.as_raw_fd() as libc::rlim_t + 1;
+        // SAFETY: `lim` is a valid rlimit; only this child process is affected.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        let low = lim.rlim_cur;
+        let wakeups = g.wakeups_over(Duration::from_millis(200));
+        assert!(wakeups < 5, "{wakeups} wakeups in 200 ms");
+        // Retries at 0, 10, 30, 70 and 150 ms at most.
+        let failures = g.muxer.stats().accept_failures;
+        assert!((1..=6).contains(&failures), "{failures} failed accepts");
+        assert!(g.received().is_empty());
+        // fds free up: a retry accepts the client.
+        drop(spare);
+        lim.rlim_cur = lim.rlim_max.min(low + 64);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < end {
+            g.pump();
+            got = g.received();
+        }
+        assert_eq!(ops(&got), vec![op::REQUEST]);
+        // The listener is back in epoll: the next client needs no retry.
+        let mut next = UnixStream::connect(g.uds()).unwrap();
+        next.write_all(b"CONNECT 1025\n").unwrap();
+        g.post_rx(1);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::REQUEST]);
+        assert_eq!(g.muxer.stats().accept_failures, failures);
+    }
+
+    #[test]
+    fn teardown_deadline_resets_a_guest_that_takes_nothing() {
+        let mut g = Guest::new();
+        g.post_rx(1);
+        let mut client = UnixStream::connect(g.uds()).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        g.pump();
+        let host_port = g.received()[0].0.src_port;
+        g.send(hdr(op::RESPONSE, 1024, host_port, 0), &[]);
+        client.read_exact(&mut [0u8; 14]).unwrap();
+        client.write_all(b"unread").unwrap();
+        // The host leaves; the guest posts no buffer for the data or our
+        // SHUTDOWN.
+        drop(client);
+        g.pump();
+        assert_eq!(g.muxer.connection_count(), 1);
+        let deadline = g.muxer.next_deadline().unwrap();
+        assert!(deadline <= Instant::now() + CLOSE_TIMEOUT);
+        g.muxer.sweep(deadline);
+        assert_eq!(g.muxer.connection_count(), 0, "reset at the deadline");
+        g.post_rx(2);
+        g.pump();
+        let got = g.received();
+        assert_eq!(ops(&got), vec![op::RST]);
+        assert_eq!({ got[0].0.src_port }, host_port);
+    }
+
+    #[test]
+    fn unanswered_shutdown_is_reset_at_the_deadline() {
+        let close = Duration::from_millis(40);
+        let mut g = Guest::with_timeouts(Timeouts {
+            close,
+            ..Timeouts::default()
+        });
+        let mut path = g.uds().into_os_string();
+        path.push("_56");
+        let host = UnixListener::bind(&path).unwrap();
+        g.post_rx(8);
+        g.send(hdr(op::REQUEST, 6004, 56, 0), &[]);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
+        drop(host.accept().unwrap());
+        // pump() waits 3 x 50 ms: the guest gets our SHUTDOWN, does not
+        // answer, and is reset once `close` has passed.
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::SHUTDOWN, op::RST]);
+        assert_eq!(g.muxer.connection_count(), 0);
+        assert_eq!(g.muxer.next_deadline(), None);
+    }
+
+    #[test]
+    fn reset_closes_the_host_socket_without_waiting_for_rx_buffers() {
+        let mut g = Guest::new();
+        let mut path = g.uds().into_os_string();
+        path.push("_55");
+        let host = UnixListener::bind(&path).unwrap();
+        g.post_rx(1);
+        g.send(hdr(op::REQUEST, 6003, 55, 0), &[]);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
+        let (mut peer, _) = host.accept().unwrap();
+        // An op no guest may send resets the connection; there is no rx
+        // buffer for the RST.
+        g.send(hdr(99, 6003, 55, 0), &[]);
+        assert_eq!(g.muxer.connection_count(), 0);
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(peer.read(&mut [0u8; 8]).unwrap(), 0, "host sees EOF");
+        g.post_rx(1);
+        g.pump();
+        assert_eq!(ops(&g.received()), vec![op::RST]);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_up_to_its_cap_and_clears() {
+        let (min, max) = (Duration::from_millis(10), Duration::from_millis(50));
+        let mut b = AcceptBackoff::new(min, max);
+        let t = Instant::now();
+        assert!(!b.paused() && !b.due(t));
+        let pauses: Vec<Duration> = (0..5)
+            .map(|_| {
+                b.fail(t);
+                b.until.unwrap() - t
+            })
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 50, 50].map(Duration::from_millis));
+        assert!(b.paused());
+        assert!(!b.due(t + Duration::from_millis(49)));
+        assert!(b.due(t + max));
+        b.clear();
+        assert!(!b.paused());
+        b.fail(t);
+        assert_eq!(b.until, Some(t + min), "back to the shortest pause");
+    }
+
+    #[test]
+    fn accept_errors_out_of_resources_back_off() {
+        let kind = |errno| classify_accept_error(&io::Error::from_raw_os_error(errno));
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(kind(errno), AcceptError::BackOff, "errno {errno}");
+        }
+        assert_eq!(kind(libc::EAGAIN), AcceptError::Drained);
+        assert_eq!(kind(libc::EINTR), AcceptError::Retry);
+        assert_eq!(kind(libc::ECONNABORTED), AcceptError::Retry);
     }
 }
