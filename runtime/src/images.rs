@@ -79,6 +79,8 @@ pub struct Images {
     store: ContentStore,
     registries: BTreeMap<String, RegistryConfig>,
     records: Mutex<BTreeMap<String, ImageRecord>>,
+    /// Bounds on pulls (`[images]`).
+    limits: Limits,
     // Pulls of the same layer share work in the store; serialising whole
     // pulls here keeps the metadata updates simple.
     pulling: tokio::sync::Mutex<()>,
@@ -108,8 +110,16 @@ impl Images {
             store,
             registries,
             records: Mutex::new(records),
+            limits: Limits::default(),
             pulling: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The table with pulls bounded by `limits` (the `[images]` config)
+    /// rather than the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Images {
+        self.limits = limits;
+        self
     }
 
     fn save(&self, records: &BTreeMap<String, ImageRecord>) -> Result<(), ImageError> {
@@ -135,7 +145,7 @@ impl Images {
             &reference,
             creds.as_ref(),
             &self.registries,
-            &Limits::default(),
+            &self.limits,
         )
         .await?;
         let config: serde_json::Value = serde_json::from_slice(&pulled.config).unwrap_or_default();
@@ -316,5 +326,61 @@ impl Images {
         let mut acc = (0, 0);
         walk(&root, &mut acc);
         (acc.0, acc.1, root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcri_image::limits::Exhausted;
+
+    #[test]
+    fn every_bound_a_pull_hits_is_resource_exhausted() {
+        for why in [
+            Exhausted::BlobTooLong {
+                digest: "sha256:00".into(),
+                size: 1,
+            },
+            Exhausted::DocumentTooLarge {
+                what: "manifest",
+                limit: 4 << 20,
+            },
+            Exhausted::LayerBytes { limit: 1 },
+            Exhausted::ImageInodes { limit: 1 },
+            Exhausted::FreeSpace {
+                path: "/var/lib/vmcri/content".into(),
+                floor: 1 << 30,
+            },
+        ] {
+            let text = why.to_string();
+            let status = tonic::Status::from(ImageError::Pull(PullError::Exhausted {
+                reference: "docker.io/library/busybox:latest".into(),
+                why,
+            }));
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                status.message().contains("busybox") && status.message().contains(&text),
+                "{}",
+                status.message()
+            );
+        }
+        let other = tonic::Status::from(ImageError::Pull(PullError::Invalid {
+            reference: "x".into(),
+            why: "y".into(),
+        }));
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn limits_reach_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_layer_bytes: 1234,
+            ..Limits::default()
+        };
+        let images = Images::open(dir.path(), BTreeMap::new())
+            .unwrap()
+            .with_limits(limits);
+        assert_eq!(images.limits, limits);
     }
 }

@@ -2,10 +2,11 @@
 //! while they stream in, and unpacked layers by chain ID, each unpacked
 //! once and shared by every container of every pod that uses it.
 //!
-//! Layout: `blobs/sha256/<hex>`, `layers/<chain-id hex>/`, `tmp/`.
+//! Layout: `blobs/sha256/<hex>`, `layers/<chain-id hex>/` (with
+//! `layers/.<hex>.usage`, what it takes), `tmp/`.
 
-use crate::hashing::HashingReader;
-use crate::unpack::{self, Compression, Limits, UnpackError, UnpackStats};
+use crate::limits::{Budget, Exhausted, Limits, Room, Usage};
+use crate::unpack::{self, Compression, UnpackError, UnpackStats};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -96,6 +97,10 @@ pub enum ContentError {
     /// Unpacking failed.
     #[error(transparent)]
     Unpack(#[from] UnpackError),
+    /// A bound was reached: a blob longer than announced, or no room left
+    /// above the free-space floor.
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
     /// I/O on the store.
     #[error("{what}: {source}")]
     Io {
@@ -208,46 +213,67 @@ impl ContentStore {
         &self,
         expected: &Digest,
         size: Option<u64>,
-        reader: R,
+        mut reader: R,
     ) -> Result<PathBuf, ContentError> {
         let dest = self.blob_path(expected);
         if dest.is_file() {
             return Ok(dest);
         }
-        let tmp = self.scratch_path();
-        // One byte more than announced is enough to tell a lying size.
-        let mut src = HashingReader::new(reader.take(size.map_or(u64::MAX, |s| s + 1)));
-        let result = (|| {
-            let mut f =
-                fs::File::create(&tmp).map_err(io_at(format!("create {}", tmp.display())))?;
-            io::copy(&mut src, &mut f).map_err(io_at(format!("receive {expected}")))?;
-            f.flush().map_err(io_at("flush blob"))?;
-            f.sync_all().map_err(io_at("sync blob"))?;
-            if let Some(s) = size {
-                if src.len() != s {
-                    return Err(ContentError::Mismatch {
-                        expected: expected.to_string(),
-                        why: format!("{} bytes, expected {s}", src.len()),
-                    });
-                }
-            }
-            let got = Digest::from_hash(src.finish());
-            if &got != expected {
-                return Err(ContentError::Mismatch {
-                    expected: expected.to_string(),
-                    why: format!("digest is {got}"),
-                });
-            }
-            fs::rename(&tmp, &dest).map_err(io_at(format!("store {expected}")))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let mut scratch = Scratch::new(self.scratch_path());
+        let mut verifier = Verifier::new(expected, size);
+        let mut f = fs::File::create(&scratch.path)
+            .map_err(io_at(format!("create {}", scratch.path.display())))?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_at(format!("receive {expected}"))(e)),
+            };
+            verifier.update(&buf[..n])?;
+            f.write_all(&buf[..n])
+                .map_err(io_at(format!("write {expected}")))?;
         }
-        result.map(|()| dest)
+        f.sync_all().map_err(io_at("sync blob"))?;
+        verifier.finish()?;
+        fs::rename(&scratch.path, &dest).map_err(io_at(format!("store {expected}")))?;
+        scratch.keep = true;
+        Ok(dest)
+    }
+
+    /// What the store's filesystem can still take above the floor set by
+    /// `limits`.
+    pub fn room(&self, limits: &Limits) -> Result<Room, ContentError> {
+        Room::of(&self.root, limits).map_err(io_at(format!("statvfs {}", self.root.display())))
+    }
+
+    /// Starts receiving blob `expected` of exactly `size` bytes, if the
+    /// store's filesystem has room for it above its floor. Nothing is
+    /// visible under the digest until [`BlobWriter::commit`] verified it.
+    pub async fn begin_blob(
+        &self,
+        expected: &Digest,
+        size: u64,
+        limits: &Limits,
+    ) -> Result<BlobWriter, ContentError> {
+        self.room(limits)?.fits(size)?;
+        let scratch = Scratch::new(self.scratch_path());
+        let file = tokio::fs::File::create(&scratch.path)
+            .await
+            .map_err(io_at(format!("create {}", scratch.path.display())))?;
+        Ok(BlobWriter {
+            file,
+            scratch,
+            verifier: Verifier::new(expected, Some(size)),
+            dest: self.blob_path(expected),
+        })
     }
 
     /// Unpacks stored blob `blob` as the layer with chain ID `chain`,
-    /// checking the uncompressed stream against `diff_id`. Concurrent
+    /// checking the uncompressed stream against `diff_id`, within the
+    /// layer's budget, what `image_used` (the image's lower layers) left of
+    /// the image's, and the room above the free-space floor. Concurrent
     /// callers for the same layer wait for one another; the layer is
     /// unpacked once.
     pub fn unpack(
@@ -257,26 +283,31 @@ impl ContentStore {
         diff_id: &Digest,
         chain: &Digest,
         limits: &Limits,
-    ) -> Result<(PathBuf, Option<UnpackStats>), ContentError> {
+        image_used: Usage,
+    ) -> Result<Unpacked, ContentError> {
         let dest = self.layer_path(chain);
-        let _lock = FileLock::acquire(
-            &self
-                .root
-                .join("layers")
-                .join(format!(".{}.lock", chain.hex())),
-        )?;
+        let _lock = FileLock::acquire(&self.layer_file(chain, "lock"))?;
         if dest.is_dir() {
-            return Ok((dest, None));
+            let usage = self.layer_usage(chain)?;
+            return Ok(Unpacked {
+                path: dest,
+                stats: None,
+                usage,
+            });
         }
         let compression = Compression::from_media_type(media_type)?;
         let path = self.blob_path(blob);
         let file =
             fs::File::open(&path).map_err(|_| ContentError::MissingBlob(blob.to_string()))?;
+        let budget = Budget::for_layer(limits)
+            .within_image(limits, image_used)
+            .within_room(&self.room(limits)?);
         let stats = unpack::unpack_layer_verified(
             io::BufReader::new(file),
             compression,
             &dest,
             limits,
+            &budget,
             |uncompressed| {
                 let got = Digest::from_hash(uncompressed);
                 (&got == diff_id).then_some(()).ok_or_else(|| {
@@ -284,7 +315,205 @@ impl ContentStore {
                 })
             },
         )?;
-        Ok((dest, Some(stats)))
+        let usage = Usage {
+            bytes: stats.bytes,
+            inodes: stats.inodes,
+        };
+        self.record_usage(chain, usage)?;
+        Ok(Unpacked {
+            path: dest,
+            stats: Some(stats),
+            usage,
+        })
+    }
+
+    /// `layers/.<hex>.<suffix>`: a file beside the layer, never inside it
+    /// (the layer directory is what containers see).
+    fn layer_file(&self, chain: &Digest, suffix: &str) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(format!(".{}.{suffix}", chain.hex()))
+    }
+
+    fn record_usage(&self, chain: &Digest, usage: Usage) -> Result<(), ContentError> {
+        let path = self.layer_file(chain, "usage");
+        fs::write(&path, format!("{} {}\n", usage.bytes, usage.inodes))
+            .map_err(io_at(format!("write {}", path.display())))
+    }
+
+    /// What the unpacked layer `chain` takes: as recorded when it was
+    /// unpacked, or measured (and recorded) for a layer unpacked before
+    /// usage was recorded. The caller holds the layer's lock.
+    fn layer_usage(&self, chain: &Digest) -> Result<Usage, ContentError> {
+        let recorded = fs::read_to_string(self.layer_file(chain, "usage"))
+            .ok()
+            .and_then(|text| {
+                let (bytes, inodes) = text.trim().split_once(' ')?;
+                Some(Usage {
+                    bytes: bytes.parse().ok()?,
+                    inodes: inodes.parse().ok()?,
+                })
+            });
+        if let Some(usage) = recorded {
+            return Ok(usage);
+        }
+        let usage = measure(&self.layer_path(chain));
+        self.record_usage(chain, usage)?;
+        Ok(usage)
+    }
+}
+
+/// A layer in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpacked {
+    /// Its directory.
+    pub path: PathBuf,
+    /// What unpacking did; `None` when it was already there.
+    pub stats: Option<UnpackStats>,
+    /// What it takes.
+    pub usage: Usage,
+}
+
+/// File content bytes and entries under `dir` (not counting `dir`).
+fn measure(dir: &Path) -> Usage {
+    let mut usage = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            usage.inodes += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                usage.bytes += m.len();
+            }
+        }
+    }
+    usage
+}
+
+/// A scratch file, removed when dropped unless kept: a pull that fails,
+/// or is cancelled with its future dropped, leaves nothing in `tmp/`.
+struct Scratch {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Scratch {
+    fn new(path: PathBuf) -> Scratch {
+        Scratch { path, keep: false }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Counts and hashes a blob as it arrives; the first byte past its
+/// announced size fails at once, so a registry cannot make us store more.
+struct Verifier {
+    expected: Digest,
+    size: Option<u64>,
+    hash: Sha256,
+    len: u64,
+}
+
+impl Verifier {
+    fn new(expected: &Digest, size: Option<u64>) -> Verifier {
+        Verifier {
+            expected: expected.clone(),
+            size,
+            hash: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    fn update(&mut self, chunk: &[u8]) -> Result<(), ContentError> {
+        let len = self.len.saturating_add(chunk.len() as u64);
+        if let Some(size) = self.size.filter(|s| len > *s) {
+            return Err(Exhausted::BlobTooLong {
+                digest: self.expected.to_string(),
+                size,
+            }
+            .into());
+        }
+        self.hash.update(chunk);
+        self.len = len;
+        Ok(())
+    }
+
+    /// Fails if the blob is short of its size or does not match its digest.
+    fn finish(&self) -> Result<(), ContentError> {
+        if let Some(s) = self.size.filter(|s| self.len != *s) {
+            return Err(ContentError::Mismatch {
+                expected: self.expected.to_string(),
+                why: format!("{} bytes, expected {s}", self.len),
+            });
+        }
+        let got = Digest::from_hash(self.hash.clone());
+        if got != self.expected {
+            return Err(ContentError::Mismatch {
+                expected: self.expected.to_string(),
+                why: format!("digest is {got}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A blob being received into the store (see
+/// [`ContentStore::begin_blob`]). Dropped before [`BlobWriter::commit`],
+/// it leaves nothing behind.
+pub struct BlobWriter {
+    file: tokio::fs::File,
+    scratch: Scratch,
+    verifier: Verifier,
+    dest: PathBuf,
+}
+
+impl BlobWriter {
+    /// Takes the next bytes; fails the moment the blob would be longer
+    /// than its descriptor says.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ContentError> {
+        use tokio::io::AsyncWriteExt;
+        self.verifier.update(chunk)?;
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(io_at(format!("write {}", self.verifier.expected)))
+    }
+
+    /// Fails if what was written so far is not the whole blob: short of
+    /// its size, or another digest.
+    pub fn verify(&self) -> Result<(), ContentError> {
+        self.verifier.finish()
+    }
+
+    /// Verifies size and digest and makes the blob visible in the store.
+    pub async fn commit(self) -> Result<PathBuf, ContentError> {
+        use tokio::io::AsyncWriteExt;
+        let BlobWriter {
+            mut file,
+            mut scratch,
+            verifier,
+            dest,
+        } = self;
+        file.flush().await.map_err(io_at("flush blob"))?;
+        file.sync_all().await.map_err(io_at("sync blob"))?;
+        drop(file);
+        let what = verifier.expected.to_string();
+        verifier.finish()?;
+        tokio::fs::rename(&scratch.path, &dest)
+            .await
+            .map_err(io_at(format!("store {what}")))?;
+        scratch.keep = true;
+        Ok(dest)
     }
 }
 
@@ -339,7 +568,8 @@ impl ContentStore {
             if is_layer && kept {
                 continue;
             }
-            if !is_layer && name.ends_with(".lock") && kept {
+            let beside = name.ends_with(".lock") || name.ends_with(".usage");
+            if !is_layer && beside && kept {
                 continue;
             }
             let path = e.path();
@@ -425,11 +655,20 @@ mod tests {
         assert!(!store.has_blob(&wrong));
         let other = Digest::of(b"abc");
         assert!(
-            store.put_blob(&other, Some(2), &b"abc"[..]).is_err(),
-            "size mismatch"
+            matches!(
+                store.put_blob(&other, Some(2), &b"abc"[..]),
+                Err(ContentError::Exhausted(Exhausted::BlobTooLong {
+                    size: 2,
+                    ..
+                }))
+            ),
+            "longer than announced"
         );
         assert!(
-            store.put_blob(&other, Some(4), &b"abc"[..]).is_err(),
+            matches!(
+                store.put_blob(&other, Some(4), &b"abc"[..]),
+                Err(ContentError::Mismatch { .. })
+            ),
             "short read"
         );
         assert!(!store.has_blob(&other));
@@ -459,7 +698,7 @@ mod layer_tests {
             let diff = Digest::of(&tar);
             let chain = Digest::chain(None, &diff);
             store
-                .unpack(&d, GZ, &diff, &chain, &Limits::default())
+                .unpack(&d, GZ, &diff, &chain, &Limits::default(), Usage::default())
                 .unwrap();
             chains.push(chain);
             blobs.push(d);
@@ -522,16 +761,63 @@ mod layer_tests {
             .put_blob(&blob_d, Some(blob.len() as u64), &blob[..])
             .unwrap();
         let chain = Digest::chain(None, &diff_id);
-        let (dir, stats) = store
-            .unpack(&blob_d, GZ, &diff_id, &chain, &Limits::default())
+        let first = store
+            .unpack(
+                &blob_d,
+                GZ,
+                &diff_id,
+                &chain,
+                &Limits::default(),
+                Usage::default(),
+            )
             .unwrap();
-        assert!(stats.is_some());
+        assert!(first.stats.is_some());
+        assert_eq!(
+            first.usage,
+            Usage {
+                bytes: 8,
+                inodes: 2
+            },
+            "etc/ and the file"
+        );
+        let dir = first.path;
         assert_eq!(fs::read(dir.join("etc/os-release")).unwrap(), b"ID=test\n");
-        // Second time: shared, not unpacked again.
-        let (again, stats) = store
-            .unpack(&blob_d, GZ, &diff_id, &chain, &Limits::default())
+        // Second time: shared, not unpacked again, its usage as recorded.
+        let again = store
+            .unpack(
+                &blob_d,
+                GZ,
+                &diff_id,
+                &chain,
+                &Limits::default(),
+                Usage::default(),
+            )
             .unwrap();
-        assert_eq!((again, stats), (dir, None));
+        assert_eq!((&again.path, again.stats), (&dir, None));
+        assert_eq!(again.usage, first.usage);
+        // A layer from before usage was recorded is measured once.
+        fs::remove_file(tmp.path().join(format!("layers/.{}.usage", chain.hex()))).unwrap();
+        let measured = store
+            .unpack(
+                &blob_d,
+                GZ,
+                &diff_id,
+                &chain,
+                &Limits::default(),
+                Usage::default(),
+            )
+            .unwrap();
+        assert_eq!(measured.usage, first.usage);
+        // Shared layers count against every image that uses them.
+        let tight = Limits {
+            max_image_bytes: 10,
+            ..Limits::default()
+        };
+        let used = Usage {
+            bytes: 5,
+            inodes: 0,
+        };
+        assert!(tight.check_image(used.plus(measured.usage)).is_err());
     }
 
     #[test]
@@ -544,13 +830,27 @@ mod layer_tests {
         let lie = Digest::of(b"not this layer");
         let chain = Digest::chain(None, &lie);
         let err = store
-            .unpack(&blob_d, GZ, &lie, &chain, &Limits::default())
+            .unpack(
+                &blob_d,
+                GZ,
+                &lie,
+                &chain,
+                &Limits::default(),
+                Usage::default(),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("diff ID"), "{err}");
         assert!(!store.layer_path(&chain).exists());
         let missing = Digest::of(b"nope");
         assert!(matches!(
-            store.unpack(&missing, GZ, &lie, &chain, &Limits::default()),
+            store.unpack(
+                &missing,
+                GZ,
+                &lie,
+                &chain,
+                &Limits::default(),
+                Usage::default()
+            ),
             Err(ContentError::MissingBlob(_))
         ));
     }
@@ -571,9 +871,16 @@ mod layer_tests {
                 .map(|_| {
                     s.spawn(|| {
                         store
-                            .unpack(&blob_d, GZ, &diff_id, &chain, &Limits::default())
+                            .unpack(
+                                &blob_d,
+                                GZ,
+                                &diff_id,
+                                &chain,
+                                &Limits::default(),
+                                Usage::default(),
+                            )
                             .unwrap()
-                            .1
+                            .stats
                             .is_some()
                     })
                 })

@@ -4,6 +4,8 @@
 
 pub mod content;
 pub mod hashing;
+pub mod limits;
+pub mod manifest;
 pub mod pull;
 pub mod reference;
 pub mod registry;

@@ -48,6 +48,9 @@ pub struct TarGuard<R> {
     max_metadata: u64,
     max_total: u64,
     total: u64,
+    /// Set once the archive went past `max_total`: the tar crate may
+    /// wrap the I/O error, so the caller asks here instead.
+    over_total: bool,
     header: [u8; BLOCK as usize],
     header_len: usize,
     /// Payload bytes (padded to blocks) left in the current entry.
@@ -63,6 +66,7 @@ impl<R: Read> TarGuard<R> {
             max_metadata,
             max_total,
             total: 0,
+            over_total: false,
             header: [0; BLOCK as usize],
             header_len: 0,
             payload_left: 0,
@@ -116,6 +120,11 @@ impl<R: Read> TarGuard<R> {
 }
 
 impl<R> TarGuard<R> {
+    /// True once the archive went past its byte limit.
+    pub fn over_total(&self) -> bool {
+        self.over_total
+    }
+
     /// The wrapped reader.
     pub fn into_inner(self) -> R {
         self.inner
@@ -127,6 +136,7 @@ impl<R: Read> Read for TarGuard<R> {
         let n = self.inner.read(buf)?;
         self.total += n as u64;
         if self.total > self.max_total {
+            self.over_total = true;
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("layer exceeds the {} byte limit", self.max_total),
@@ -198,6 +208,8 @@ mod tests {
         let stream = vec![0u8; 4096];
         let mut g = TarGuard::new(&stream[..], 1024, 1000);
         let mut out = Vec::new();
+        assert!(!g.over_total());
         assert!(g.read_to_end(&mut out).is_err());
+        assert!(g.over_total());
     }
 }

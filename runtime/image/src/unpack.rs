@@ -17,6 +17,7 @@
 //! leaves a half-unpacked layer that looks finished.
 
 use crate::hashing::HashingReader;
+use crate::limits::{Budget, Cap, Exhausted};
 use crate::tar_guard::TarGuard;
 use sha2::Sha256;
 use std::ffi::CString;
@@ -26,6 +27,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
+
+pub use crate::limits::Limits;
 
 /// Layer compression, from the OCI media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,30 +57,6 @@ impl Compression {
     }
 }
 
-/// Bounds on what a layer may contain.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Uncompressed archive size.
-    pub max_total_bytes: u64,
-    /// Size of one PAX header or GNU long name/link.
-    pub max_metadata_bytes: u64,
-    /// Number of entries.
-    pub max_entries: u64,
-    /// Length of one path.
-    pub max_path_len: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_total_bytes: 64 << 30,
-            max_metadata_bytes: 1 << 20,
-            max_entries: 1 << 20,
-            max_path_len: 4096,
-        }
-    }
-}
-
 /// What an unpack did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackStats {
@@ -89,6 +68,9 @@ pub struct UnpackStats {
     pub skipped_devices: u64,
     /// Whiteouts (including opaque markers) applied.
     pub whiteouts: u64,
+    /// Entries counted against the inode budget: every entry, and every
+    /// parent directory made for one.
+    pub inodes: u64,
 }
 
 /// Why a layer could not be unpacked. Nothing is left behind on error.
@@ -111,6 +93,9 @@ pub enum UnpackError {
     /// The destination already exists.
     #[error("layer directory {0} already exists")]
     Exists(String),
+    /// The layer ran out of budget (bytes, inodes or free space).
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
 }
 
 fn io_at(what: impl Into<String>) -> impl FnOnce(io::Error) -> UnpackError {
@@ -151,9 +136,24 @@ fn normalize(raw: &[u8], limits: &Limits) -> Result<Option<PathBuf>, UnpackError
     Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
+/// Counts what a layer creates against its inode budget.
+struct InodeMeter<'a> {
+    used: u64,
+    cap: &'a Cap,
+}
+
+impl InodeMeter<'_> {
+    /// Counts one more, failing past the budget before it is made.
+    fn charge(&mut self) -> Result<(), UnpackError> {
+        self.used += 1;
+        Ok(self.cap.check(self.used)?)
+    }
+}
+
 /// Ensures every directory above `rel` exists inside `root`, refusing to
-/// pass through symlinks. Returns the parent's real path.
-fn safe_parent(root: &Path, rel: &Path) -> Result<PathBuf, UnpackError> {
+/// pass through symlinks. Returns the parent's real path. Directories it
+/// makes count against the inode budget: a deep path makes many.
+fn safe_parent(root: &Path, rel: &Path, meter: &mut InodeMeter) -> Result<PathBuf, UnpackError> {
     let mut cur = root.to_path_buf();
     if let Some(parent) = rel.parent() {
         for comp in parent.components() {
@@ -174,6 +174,7 @@ fn safe_parent(root: &Path, rel: &Path) -> Result<PathBuf, UnpackError> {
                     )))
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    meter.charge()?;
                     fs::create_dir(&cur).map_err(io_at(format!("create {}", cur.display())))?;
                 }
                 Err(e) => return Err(io_at(format!("stat {}", cur.display()))(e)),
@@ -256,24 +257,28 @@ fn decoder<'a, R: Read + 'a>(
     })
 }
 
-/// Unpacks the layer `blob` into `dest`, which must not exist yet.
+/// Unpacks the layer `blob` into `dest`, which must not exist yet, within
+/// the layer budget of `limits`.
 pub fn unpack_layer<R: Read>(
     blob: R,
     compression: Compression,
     dest: &Path,
     limits: &Limits,
 ) -> Result<UnpackStats, UnpackError> {
-    unpack_layer_verified(blob, compression, dest, limits, |_| Ok(()))
+    let budget = Budget::for_layer(limits);
+    unpack_layer_verified(blob, compression, dest, limits, &budget, |_| Ok(()))
 }
 
-/// Like [`unpack_layer`], but `verify` sees the sha256 of the whole
-/// uncompressed stream (the layer's diff ID) and can refuse the layer
-/// before it is moved into place.
+/// Like [`unpack_layer`], within `budget` (which may be tighter than the
+/// layer's own: what is left of the image's, or of the disk), and
+/// `verify` sees the sha256 of the whole uncompressed stream (the layer's
+/// diff ID) and can refuse the layer before it is moved into place.
 pub fn unpack_layer_verified<R: Read>(
     blob: R,
     compression: Compression,
     dest: &Path,
     limits: &Limits,
+    budget: &Budget,
     verify: impl FnOnce(Sha256) -> Result<(), String>,
 ) -> Result<UnpackStats, UnpackError> {
     if dest.exists() {
@@ -286,7 +291,7 @@ pub fn unpack_layer_verified<R: Read>(
     // A partial layer from an interrupted unpack is garbage.
     clear(&partial, false)?;
     fs::create_dir_all(&partial).map_err(io_at(format!("create {}", partial.display())))?;
-    let outcome = extract(blob, compression, &partial, limits).and_then(|(stats, hash)| {
+    let outcome = extract(blob, compression, &partial, limits, budget).and_then(|(stats, hash)| {
         verify(hash).map_err(UnpackError::Invalid)?;
         Ok(stats)
     });
@@ -308,23 +313,48 @@ fn extract<R: Read>(
     compression: Compression,
     root: &Path,
     limits: &Limits,
+    budget: &Budget,
 ) -> Result<(UnpackStats, Sha256), UnpackError> {
     let hashing = HashingReader::new(decoder(blob, compression)?);
-    let guarded = TarGuard::new(hashing, limits.max_metadata_bytes, limits.max_total_bytes);
+    // The stream itself is bounded too: a bomb of padding or of entries
+    // that write nothing still stops at the byte budget, and quickly.
+    let guarded = TarGuard::new(hashing, limits.max_metadata_bytes, budget.bytes.left());
     let mut archive = tar::Archive::new(guarded);
+    let walked = walk(&mut archive, root, limits, budget);
+    let mut rest = archive.into_inner();
+    // The diff ID covers the whole stream, end-of-archive padding included.
+    let drained = walked.and_then(|stats| {
+        io::copy(&mut rest, &mut io::sink()).map_err(io_at("read layer end"))?;
+        Ok(stats)
+    });
+    // The guard's error may reach us wrapped by the tar crate: ask it.
+    if rest.over_total() {
+        return Err(budget.bytes.exhausted().clone().into());
+    }
+    Ok((drained?, rest.into_inner().finish()))
+}
+
+/// Creates the archive's entries under `root`.
+fn walk<R: Read>(
+    archive: &mut tar::Archive<R>,
+    root: &Path,
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<UnpackStats, UnpackError> {
     let mut stats = UnpackStats::default();
+    let mut meter = InodeMeter {
+        used: 0,
+        cap: &budget.inodes,
+    };
     // Directory modes are applied last: a read-only directory must not
     // stop later entries from being created inside it.
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     for entry in archive.entries().map_err(io_at("read layer"))? {
         let mut entry = entry.map_err(io_at("read layer entry"))?;
         stats.entries += 1;
-        if stats.entries > limits.max_entries {
-            return Err(UnpackError::Invalid(format!(
-                "more than {} entries",
-                limits.max_entries
-            )));
-        }
+        // Every entry counts, even one that makes nothing: the budget
+        // bounds the work too.
+        meter.charge()?;
         let raw = entry.path_bytes().into_owned();
         let Some(rel) = normalize(&raw, limits)? else {
             continue;
@@ -341,7 +371,7 @@ fn extract<R: Read>(
         let gid = header
             .gid()
             .map_err(io_at(format!("{}: gid", rel.display())))?;
-        let parent = safe_parent(root, &rel)?;
+        let parent = safe_parent(root, &rel, &mut meter)?;
         let Some(file_name) = rel.file_name() else {
             continue;
         };
@@ -384,8 +414,11 @@ fn extract<R: Read>(
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&target)
                     .map_err(io_at(format!("create {}", target.display())))?;
-                stats.bytes += io::copy(&mut entry, &mut f)
+                // One byte past the budget is enough to refuse.
+                let left = budget.bytes.left().saturating_sub(stats.bytes);
+                stats.bytes += io::copy(&mut (&mut entry).take(left.saturating_add(1)), &mut f)
                     .map_err(io_at(format!("write {}", target.display())))?;
+                budget.bytes.check(stats.bytes)?;
                 lchown(&target, uid, gid)?;
                 // After chown, which clears setuid bits.
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
@@ -409,7 +442,7 @@ fn extract<R: Read>(
                 })?;
                 let link_rel =
                     normalize(&link, limits)?.ok_or_else(|| UnpackError::Escape(display(&link)))?;
-                let link_parent = safe_parent(root, &link_rel)?;
+                let link_parent = safe_parent(root, &link_rel, &mut meter)?;
                 let source = link_parent.join(link_rel.file_name().unwrap_or_default());
                 let meta = fs::symlink_metadata(&source).map_err(|_| {
                     UnpackError::Invalid(format!(
@@ -444,10 +477,8 @@ fn extract<R: Read>(
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
             .map_err(io_at(format!("chmod {}", dir.display())))?;
     }
-    // The diff ID covers the whole stream, end-of-archive padding included.
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(io_at("read layer end"))?;
-    Ok((stats, rest.into_inner().finish()))
+    stats.inodes = meter.used;
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -713,24 +744,80 @@ mod tests {
     }
 
     #[test]
-    fn limits_on_entries_and_size_hold() {
+    fn inode_and_byte_budgets_hold_and_leave_nothing() {
         let s = scene();
+        let limits = Limits {
+            max_layer_inodes: 5,
+            ..Limits::default()
+        };
         let many: Vec<Vec<u8>> = (0..10)
             .map(|i| entry(format!("f{i}").as_bytes(), b'0', b"", b"", 0o644))
             .collect();
-        let limits = Limits {
-            max_entries: 5,
-            ..Limits::default()
-        };
         let err =
             unpack_layer(&archive(&many)[..], Compression::None, &s.dest, &limits).unwrap_err();
-        assert!(err.to_string().contains("more than 5 entries"), "{err}");
+        assert!(
+            matches!(
+                err,
+                UnpackError::Exhausted(Exhausted::LayerInodes { limit: 5 })
+            ),
+            "{err}"
+        );
+        nothing_left(&s);
+        // One entry, but five parent directories made for it.
+        let deep = archive(&[entry(b"a/b/c/d/e/f", b'0', b"", b"", 0o644)]);
+        let err = unpack_layer(&deep[..], Compression::None, &s.dest, &limits).unwrap_err();
+        assert!(
+            matches!(err, UnpackError::Exhausted(Exhausted::LayerInodes { .. })),
+            "{err}"
+        );
+        nothing_left(&s);
         let limits = Limits {
-            max_total_bytes: 2048,
+            max_layer_bytes: 2048,
             ..Limits::default()
         };
         let big = archive(&[entry(b"f", b'0', &[0u8; 8192], b"", 0o644)]);
-        assert!(unpack_layer(&big[..], Compression::None, &s.dest, &limits).is_err());
+        let err = unpack_layer(&big[..], Compression::None, &s.dest, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UnpackError::Exhausted(Exhausted::LayerBytes { limit: 2048 })
+            ),
+            "{err}"
+        );
+        nothing_left(&s);
+        let fits = archive(&[entry(b"f", b'0', &[0u8; 100], b"", 0o644)]);
+        let stats = unpack_layer(&fits[..], Compression::None, &s.dest, &limits).unwrap();
+        assert_eq!((stats.bytes, stats.inodes), (100, 1));
+    }
+
+    #[test]
+    fn a_tighter_budget_reports_its_own_bound() {
+        let s = scene();
+        let limits = Limits::default();
+        let budget = Budget::for_layer(&limits).within_image(
+            &Limits {
+                max_image_bytes: 1000,
+                ..limits
+            },
+            crate::limits::Usage::default(),
+        );
+        let big = archive(&[entry(b"f", b'0', &[0u8; 4096], b"", 0o644)]);
+        let err = unpack_layer_verified(
+            &zstd::encode_all(&big[..], 3).unwrap()[..],
+            Compression::Zstd,
+            &s.dest,
+            &limits,
+            &budget,
+            |_| Ok(()),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UnpackError::Exhausted(Exhausted::ImageBytes { limit: 1000 })
+            ),
+            "{err}"
+        );
         nothing_left(&s);
     }
 
