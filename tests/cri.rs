@@ -20,7 +20,7 @@ fn start_daemon(dir: &Path) -> Daemon {
     Daemon::start(
         dir,
         &format!(
-            "default_handler = \"vmcri-process\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 128\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
+            "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 128\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[agent]\nstop_timeout_secs = 5\n",
             a.kernel.display(),
             a.agent_initrd.display(),
             a.vmm.display(),

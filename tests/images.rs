@@ -26,7 +26,7 @@ fn build_layout(dir: &Path, content: &[u8]) -> PathBuf {
 fn start_daemon(dir: &Path, extra_config: &str) -> Daemon {
     Daemon::start(
         dir,
-        &format!("default_handler = \"vmcri-process\"\n{extra_config}"),
+        &format!("default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n{extra_config}"),
     )
 }
 

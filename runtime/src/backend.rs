@@ -124,13 +124,17 @@ impl Backends {
     }
 
     /// Starts the sandbox `rec` describes and waits for its agent.
+    /// `spawned` runs as soon as the process exists, before the wait, so
+    /// the caller can persist it: a daemon killed during a boot must find
+    /// the process again and end it.
     pub async fn start(
         &self,
         rec: &SandboxRecord,
         handler: &Handler,
+        spawned: impl FnOnce(ProcessRef) -> std::io::Result<()>,
     ) -> Result<ProcessRef, BackendError> {
         if let Some(parent) = rec.agent_socket.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| BackendError::Spawn {
+            crate::store::private_dirs(parent).map_err(|source| BackendError::Spawn {
                 what: format!("socket directory {}", parent.display()),
                 source,
             })?;
@@ -163,9 +167,9 @@ impl Backends {
                 } else {
                     c.initrd.clone()
                 };
-                let shared = crate::shared::SharedDir::new(rec.dir.join("shared"));
-                std::fs::create_dir_all(shared.path()).map_err(|source| BackendError::Spawn {
-                    what: format!("shared directory {}", shared.path().display()),
+                let shared = crate::shared::SharedDir::new(&rec.dir);
+                shared.prepare().map_err(|source| BackendError::Spawn {
+                    what: format!("the pod's share in {}", rec.dir.display()),
                     source,
                 })?;
                 let mut cmd = Command::new(&vmm);
@@ -217,6 +221,13 @@ impl Backends {
             }
         };
         tracing::info!(sandbox_id = %rec.id, backend = %rec.backend, pid = proc_ref.pid, "sandbox process started");
+        if let Err(source) = spawned(proc_ref) {
+            process::kill(&proc_ref);
+            return Err(BackendError::Spawn {
+                what: "recording the sandbox's process".into(),
+                source,
+            });
+        }
         let connect = Agent::connect(Self::addr(rec), ready_within, self.call_timeout());
         // Give up early if the process dies instead of waiting out the deadline.
         let died = async {

@@ -18,16 +18,15 @@ default_handler = "vmcri"
 # Cache of built guest artifacts (guest-kernel/build, agent/build-initramfs).
 cache = "/var/cache/vmcri"
 
-# RuntimeClass handlers. backend = "microvm" (one VM per pod, the product)
-# or "process" (the agent in host namespaces: no VM isolation, for
-# development and hosts without usable KVM).
+# RuntimeClass handlers. backend = "microvm": one VM per pod, the product.
+# backend = "process" runs the agent in host namespaces with NO VM
+# isolation, for development only; it must be named here to exist:
+#   [handlers.vmcri-process]
+#   backend = "process"
 [handlers.vmcri]
 backend = "microvm"
 vcpus = 1
 memory_mib = 256
-
-[handlers.vmcri-process]
-backend = "process"
 
 [microvm]
 # Guest kernel and agent initramfs; empty = the newest in `cache`.
@@ -52,6 +51,22 @@ boot_timeout_secs = 30
 #   ca_file = "/etc/vmcri/ca.pem"
 [registries]
 
+[images]
+# Bounds on every pull: a registry is never trusted to send what it says.
+# Manifests, indexes and configs are capped at 4 MiB (fixed), and a blob
+# at the size its descriptor gives. Each layer, and all the layers of an
+# image together, unpack within these (bytes of file content; entries
+# bound the inodes); a bomb stops there and leaves nothing behind.
+max_layer_bytes = 17179869184    # 16 GiB
+max_layer_inodes = 1048576
+max_image_bytes = 68719476736    # 64 GiB
+max_image_inodes = 4194304
+# A pull fails rather than leave less than this free on the filesystem of
+# `root`: the higher of the two floors applies (percent of its size, and
+# of its inodes where it counts them).
+min_free_bytes = 1073741824      # 1 GiB
+min_free_percent = 0
+
 [streaming]
 # The server behind Exec, Attach and PortForward URLs (kubelet connects to
 # it on the node). Port 0 picks a free port.
@@ -69,6 +84,10 @@ idle_timeout_secs = 14400
 call_timeout_secs = 30
 # Grace period for a sandbox to shut down before it is killed.
 stop_timeout_secs = 10
+# Deadline of one sandbox's stats in a listing: pods are asked all at
+# once, and one that has not answered by then is left out, so a stalled
+# guest never delays the node's stats.
+stats_timeout_secs = 10
 "#;
 
 /// Sandbox backend of a handler.
@@ -158,6 +177,41 @@ pub struct AgentConfig {
     pub call_timeout_secs: u64,
     /// Stop grace period.
     pub stop_timeout_secs: u64,
+    /// Deadline of one sandbox's stats.
+    pub stats_timeout_secs: u64,
+}
+
+/// `[images]`: bounds on pulls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Bytes one layer may unpack to.
+    pub max_layer_bytes: u64,
+    /// Entries one layer may create.
+    pub max_layer_inodes: u64,
+    /// Bytes all the layers of an image may unpack to.
+    pub max_image_bytes: u64,
+    /// Entries all the layers of an image may create.
+    pub max_image_inodes: u64,
+    /// Free bytes a pull must leave on the store's filesystem.
+    pub min_free_bytes: u64,
+    /// Percent of the store's filesystem a pull must leave free.
+    pub min_free_percent: u8,
+}
+
+impl ImagesConfig {
+    /// The image crate's limits with these bounds.
+    pub fn limits(&self) -> vmcri_image::limits::Limits {
+        vmcri_image::limits::Limits {
+            max_layer_bytes: self.max_layer_bytes,
+            max_layer_inodes: self.max_layer_inodes,
+            max_image_bytes: self.max_image_bytes,
+            max_image_inodes: self.max_image_inodes,
+            min_free_bytes: self.min_free_bytes,
+            min_free_percent: self.min_free_percent,
+            ..Default::default()
+        }
+    }
 }
 
 /// The whole configuration.
@@ -184,6 +238,8 @@ pub struct Config {
     pub streaming: StreamingConfig,
     /// Per-registry settings by registry host.
     pub registries: BTreeMap<String, vmcri_image::registry::RegistryConfig>,
+    /// Bounds on pulls.
+    pub images: ImagesConfig,
 }
 
 /// Errors in loading the configuration.
@@ -285,6 +341,11 @@ impl Config {
                 )));
             }
         }
+        if self.images.min_free_percent > 100 {
+            return Err(ConfigError::Invalid(
+                "images: min_free_percent must be 0-100".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -311,11 +372,21 @@ mod tests {
         let c = Config::load(None).unwrap();
         assert_eq!(c.listen, PathBuf::from("/run/vmcri/vmcri.sock"));
         assert_eq!(c.handler("").unwrap().1.backend, Backend::Microvm);
+        assert!(c.handler("nope").is_none());
+        // The process backend has no VM: it exists only when configured.
+        assert!(c.handlers.values().all(|h| h.backend == Backend::Microvm));
+        assert!(c.handler("vmcri-process").is_none());
+    }
+
+    #[test]
+    fn the_process_backend_is_opt_in() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[handlers.vmcri-process]\nbackend = \"process\"").unwrap();
+        let c = Config::load(Some(f.path())).unwrap();
         assert_eq!(
             c.handler("vmcri-process").unwrap().1.backend,
             Backend::Process
         );
-        assert!(c.handler("nope").is_none());
     }
 
     #[test]
@@ -353,6 +424,28 @@ mod tests {
         assert!(matches!(
             Config::load(Some(Path::new("/nonexistent.toml"))),
             Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn image_limits_default_as_documented_and_override() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(
+            c.images.limits(),
+            vmcri_image::limits::Limits::default(),
+            "the embedded [images] is the crate's defaults"
+        );
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[images]\nmax_layer_bytes = 1024\nmin_free_percent = 10").unwrap();
+        let c = Config::load(Some(f.path())).unwrap();
+        assert_eq!(c.images.limits().max_layer_bytes, 1024);
+        assert_eq!(c.images.limits().min_free_percent, 10);
+        assert_eq!(c.images.max_image_inodes, 4194304, "the rest stay");
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        writeln!(g, "[images]\nmin_free_percent = 101").unwrap();
+        assert!(matches!(
+            Config::load(Some(g.path())),
+            Err(ConfigError::Invalid(_))
         ));
     }
 }

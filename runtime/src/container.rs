@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio_stream::StreamExt;
 use vmcri_agent_client::{Agent, ClientError};
 use vmcri_proto::agent::v1 as pb;
 
@@ -28,8 +27,13 @@ const UNKNOWN_EXIT: i32 = 255;
 /// Most output ExecSync returns per stream; the rest is cut (kubelet
 /// itself caps probe output far lower).
 const MAX_EXEC_OUTPUT: usize = 16 << 20;
-/// Output chunks buffered for each attached client.
-const ATTACH_CHUNKS: usize = 256;
+/// Bytes of output held for attached clients (one ring per container,
+/// shared by its clients, filled only while one is attached).
+const ATTACH_BACKLOG_BYTES: usize = 4 << 20;
+/// The ring's length in chunks: each holds at most
+/// [`vmcri_agent_client::MAX_OUTPUT_CHUNK`] bytes, so the ring holds at
+/// most [`ATTACH_BACKLOG_BYTES`].
+const ATTACH_CHUNKS: usize = ATTACH_BACKLOG_BYTES / vmcri_agent_client::MAX_OUTPUT_CHUNK;
 /// How long Stop waits for the exit after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -239,7 +243,7 @@ fn expose(
     layers: &[PathBuf],
     config: &cri::ContainerConfig,
 ) -> Result<(Vec<String>, Vec<String>), ContainerError> {
-    let shared = SharedDir::new(sandbox.dir.join("shared"));
+    let shared = SharedDir::new(&sandbox.dir);
     let result = (|| {
         let mut guest_layers = Vec::new();
         for (chain, path) in image.chain.iter().zip(layers) {
@@ -534,6 +538,7 @@ impl Containers {
                 })
                 .collect(),
             mount_sources: Vec::new(),
+            in_vm: microvm,
         };
         // Validate before anything is exposed to the guest.
         let mut built = spec::build(&id, &config, &image_config, &layers, &pod)?;
@@ -586,7 +591,7 @@ impl Containers {
             if let Some(e) = taken(&entries, &sandbox_id, &meta) {
                 drop(entries);
                 if microvm {
-                    let _ = SharedDir::new(sandbox.dir.join("shared")).release_container(&id);
+                    let _ = SharedDir::new(&sandbox.dir).release_container(&id);
                 }
                 return Err(e);
             }
@@ -618,7 +623,7 @@ impl Containers {
         if let Err(e) = made {
             lock(&self.entries).remove(&id);
             let _ = agent.remove_container(&id, Duration::ZERO).await;
-            let _ = SharedDir::new(sandbox.dir.join("shared")).release_container(&id);
+            let _ = SharedDir::new(&sandbox.dir).release_container(&id);
             tracing::error!(sandbox_id = %sandbox_id, container_id = %id, error = %e, "container create failed");
             return Err(e);
         }
@@ -794,7 +799,7 @@ impl Containers {
                 agent.remove_container(&id, Duration::ZERO).await?;
             }
             let _ = std::fs::remove_file(LogPosition::path(&sandbox.dir, &id));
-            SharedDir::new(sandbox.dir.join("shared"))
+            SharedDir::new(&sandbox.dir)
                 .release_container(&id)
                 .map_err(io("unexposing the container's volumes"))?;
             match std::fs::remove_file(record_path(&sandbox.dir, &id)) {
@@ -976,25 +981,57 @@ impl Containers {
     }
 
     /// Cgroup statistics of a ready sandbox's containers together, and of
-    /// each.
+    /// each. The agent's reply is the guest's word: IDs it names that are
+    /// not this pod's (another pod's, made-up ones) are dropped.
     pub async fn sandbox_stats(
         &self,
         sandbox_id: &str,
     ) -> Result<(pb::CgroupStats, HashMap<String, pb::CgroupStats>), ContainerError> {
-        let (_, agent) = self.ready_sandbox(sandbox_id).await?;
-        let total = agent.sandbox_stats().await?;
-        let each = agent.container_stats(Vec::new()).await?;
-        Ok((total, each))
+        let own: Vec<String> = lock(&self.entries)
+            .values()
+            .filter_map(|e| {
+                let r = lock(&e.record);
+                (r.sandbox_id == sandbox_id).then(|| r.id.clone())
+            })
+            .collect();
+        self.within_stats_deadline(sandbox_id, async {
+            let (_, agent) = self.ready_sandbox(sandbox_id).await?;
+            let total = agent.sandbox_stats().await?;
+            let mut each = agent.container_stats(own.clone()).await?;
+            each.retain(|id, _| own.contains(id));
+            Ok((total, each))
+        })
+        .await
     }
 
-    /// Cgroup statistics of containers of a ready sandbox.
+    /// Cgroup statistics of containers `ids` of a ready sandbox; the
+    /// reply keeps only those IDs (see [`Containers::sandbox_stats`]).
     pub async fn stats(
         &self,
         sandbox_id: &str,
         ids: Vec<String>,
     ) -> Result<HashMap<String, pb::CgroupStats>, ContainerError> {
-        let (_, agent) = self.ready_sandbox(sandbox_id).await?;
-        Ok(agent.container_stats(ids).await?)
+        self.within_stats_deadline(sandbox_id, async {
+            let (_, agent) = self.ready_sandbox(sandbox_id).await?;
+            let mut stats = agent.container_stats(ids.clone()).await?;
+            stats.retain(|id, _| ids.contains(id));
+            Ok(stats)
+        })
+        .await
+    }
+
+    /// Runs a stats query under `[agent] stats_timeout_secs`.
+    async fn within_stats_deadline<T>(
+        &self,
+        sandbox_id: &str,
+        f: impl std::future::Future<Output = Result<T, ContainerError>>,
+    ) -> Result<T, ContainerError> {
+        let after = Duration::from_secs(self.sandboxes.config().agent.stats_timeout_secs);
+        tokio::time::timeout(after, f).await.unwrap_or_else(|_| {
+            Err(ContainerError::Timeout(format!(
+                "pod sandbox {sandbox_id} gave no stats within {after:?}"
+            )))
+        })
     }
 }
 

@@ -9,6 +9,7 @@ use crate::container::{
 use crate::images::{ImageError, ImageRecord, Images};
 use crate::sandbox::{EventKind, RunRequest, SandboxError, SandboxEvent, Sandboxes};
 use crate::store::{PodMeta, SandboxRecord, SandboxState};
+use futures_util::future::join_all;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -805,10 +806,15 @@ impl RuntimeService for Cri {
                 .or_default()
                 .push(r.id.clone());
         }
+        // Every sandbox at once, each under its own deadline: one stalled
+        // or unreachable guest must not delay or hide the others' stats.
+        let replies = join_all(by_sandbox.into_iter().map(|(sandbox, ids)| async move {
+            (self.containers.stats(&sandbox, ids).await, sandbox)
+        }))
+        .await;
         let mut all = HashMap::new();
-        for (sandbox, ids) in by_sandbox {
-            // One unreachable sandbox must not hide the others' stats.
-            match self.containers.stats(&sandbox, ids).await {
+        for (reply, sandbox) in replies {
+            match reply {
                 Ok(s) => all.extend(s),
                 Err(e) => tracing::warn!(sandbox_id = %sandbox, error = %e, "container stats"),
             }
@@ -850,13 +856,17 @@ impl RuntimeService for Cri {
                 state: cri::PodSandboxState::SandboxReady as i32,
             }),
         };
+        // Every pod at once, each under its own deadline (see above).
+        let pods: Vec<SandboxRecord> = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|rec| matches_filter(rec, &filter))
+            .collect();
+        let replies = join_all(pods.iter().map(|rec| self.pod_stats(rec))).await;
         let mut stats = Vec::new();
-        for rec in self.sandboxes.list() {
-            if !matches_filter(&rec, &filter) {
-                continue;
-            }
-            // One unreachable pod must not hide the others' stats.
-            match self.pod_stats(&rec).await {
+        for (reply, rec) in replies.into_iter().zip(&pods) {
+            match reply {
                 Ok(s) => stats.push(s),
                 Err(e) => tracing::warn!(sandbox_id = %rec.id, error = %e, "pod sandbox stats"),
             }
@@ -1010,6 +1020,8 @@ impl From<ImageError> for Status {
             ImageError::Pull(PullError::Unauthorized { .. }) => Status::unauthenticated(msg),
             ImageError::Pull(PullError::Registry { .. }) => Status::unavailable(msg),
             ImageError::Pull(PullError::Invalid { .. }) => Status::failed_precondition(msg),
+            // Too large, or too little disk left: every bound a pull hits.
+            ImageError::Pull(PullError::Exhausted { .. }) => Status::resource_exhausted(msg),
             ImageError::Pull(PullError::Content(_))
             | ImageError::Content(_)
             | ImageError::Io { .. } => Status::internal(msg),

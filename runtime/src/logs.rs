@@ -50,28 +50,35 @@ pub fn rfc3339_nano(ns: i64) -> String {
     )
 }
 
-/// Appends `data` read at `at_ns` from `stream` as CRI log entries. A
-/// trailing piece without newline becomes a P entry; the next chunk
-/// continues the line.
-pub fn format_entries(out: &mut Vec<u8>, stream: Stream, at_ns: i64, data: &[u8]) {
+/// Writes `data` read at `at_ns` from `stream` to `out` as CRI log
+/// entries, as a stream: a chunk of empty lines grows ~45 times when
+/// formatted, so it is never built whole in memory. A trailing piece
+/// without newline becomes a P entry; the next chunk continues the line.
+pub fn write_entries(
+    out: &mut impl Write,
+    stream: Stream,
+    at_ns: i64,
+    data: &[u8],
+) -> std::io::Result<()> {
     let ts = rfc3339_nano(at_ns);
+    let prefix_f = format!("{ts} {} F ", stream.tag());
+    let prefix_p = format!("{ts} {} P ", stream.tag());
     let mut rest = data;
     while !rest.is_empty() {
-        let (line, tag, next) = match rest.iter().position(|b| *b == b'\n') {
-            Some(i) => (&rest[..i], "F", &rest[i + 1..]),
-            None => (rest, "P", &rest[rest.len()..]),
+        let (line, prefix, next) = match rest.iter().position(|b| *b == b'\n') {
+            Some(i) => (&rest[..i], &prefix_f, &rest[i + 1..]),
+            None => (rest, &prefix_p, &rest[rest.len()..]),
         };
-        out.extend_from_slice(ts.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(stream.tag().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(tag.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(line);
-        out.push(b'\n');
+        out.write_all(prefix.as_bytes())?;
+        out.write_all(line)?;
+        out.write_all(b"\n")?;
         rest = next;
     }
+    Ok(())
 }
+
+/// Bytes of formatted log held before they are written out.
+const LOG_BUFFER: usize = 64 << 10;
 
 /// A container's log file, reopened on request (after kubelet renames it).
 pub struct LogFile {
@@ -94,9 +101,9 @@ impl LogFile {
 
     /// Writes a chunk of output as entries.
     pub fn write(&mut self, stream: Stream, at_ns: i64, data: &[u8]) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(data.len() + 64);
-        format_entries(&mut buf, stream, at_ns, data);
-        self.file.write_all(&buf)
+        let mut out = std::io::BufWriter::with_capacity(LOG_BUFFER, &self.file);
+        write_entries(&mut out, stream, at_ns, data)?;
+        out.flush()
     }
 
     /// The file's length and inode now.
@@ -135,8 +142,8 @@ mod tests {
     #[test]
     fn full_and_partial_lines_are_tagged() {
         let mut out = Vec::new();
-        format_entries(&mut out, Stream::Stdout, 0, b"one\ntwo\nthr");
-        format_entries(&mut out, Stream::Stderr, 0, b"ee\n");
+        write_entries(&mut out, Stream::Stdout, 0, b"one\ntwo\nthr").unwrap();
+        write_entries(&mut out, Stream::Stderr, 0, b"ee\n").unwrap();
         let text = String::from_utf8(out).unwrap();
         let ts = "1970-01-01T00:00:00.000000000Z";
         assert_eq!(
@@ -148,8 +155,37 @@ mod tests {
     #[test]
     fn an_empty_line_is_an_empty_full_entry() {
         let mut out = Vec::new();
-        format_entries(&mut out, Stream::Stdout, 0, b"\n");
+        write_entries(&mut out, Stream::Stdout, 0, b"\n").unwrap();
         assert!(String::from_utf8(out).unwrap().ends_with(" stdout F \n"));
+    }
+
+    /// Counts the bytes it is handed in one call, to see how much the
+    /// formatter holds at once.
+    struct Largest(usize, usize);
+    impl Write for Largest {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.max(b.len());
+            self.1 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_empty_lines_is_formatted_without_a_big_buffer() {
+        let data = vec![b'\n'; 64 << 10];
+        let mut out = std::io::BufWriter::with_capacity(LOG_BUFFER, Largest(0, 0));
+        write_entries(&mut out, Stream::Stdout, 0, &data).unwrap();
+        let sink = out.into_inner().map_err(|_| "flush").unwrap();
+        // ~45 bytes per entry: the formatted chunk is ~45 times the data,
+        // yet no write carried more than the buffer.
+        assert_eq!(
+            sink.1,
+            data.len() * "1970-01-01T00:00:00.000000000Z stdout F \n".len()
+        );
+        assert!(sink.0 <= LOG_BUFFER, "{} bytes in one write", sink.0);
     }
 
     #[test]

@@ -135,24 +135,19 @@ async fn serve(config: Arc<Config>) -> Result<()> {
             tracing::warn!(handler = %name, "handler uses the process backend: its pods run on the host in namespaces, WITHOUT VM isolation");
         }
     }
-    std::fs::create_dir_all(&config.root)
+    // Host state is private to root: no local user may enter a pod's files.
+    vmcri_runtime::store::private_dirs(&config.root)
         .with_context(|| format!("creating state root {}", config.root.display()))?;
     let store = Store::open(&config.root)?;
     let sandboxes = Arc::new(Sandboxes::recover(config.clone(), store)?);
     if let Some(dir) = config.listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    match std::fs::remove_file(&config.listen) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("removing stale socket {}", config.listen.display()))
-        }
-    }
-    let listener = tokio::net::UnixListener::bind(&config.listen)
+    let listener = vmcri_runtime::socket::bind_private(&config.listen)
         .with_context(|| format!("binding {}", config.listen.display()))?;
-    let images = Arc::new(Images::open(&config.root, config.registries.clone())?);
+    let images = Arc::new(
+        Images::open(&config.root, config.registries.clone())?.with_limits(config.images.limits()),
+    );
     let containers = Containers::recover(sandboxes.clone(), images.clone());
     let streaming = vmcri_streaming::Server::start(
         vmcri_streaming::Config {

@@ -61,7 +61,7 @@ pub fn hosts(hostname: &str) -> String {
 
 /// Writes the pod's files into `dir`.
 pub fn write(dir: &Path, hostname: &str, dns: Option<&cri::DnsConfig>) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    crate::store::private_dirs(dir)?;
     std::fs::write(dir.join("hosts"), hosts(hostname))?;
     std::fs::write(dir.join("resolv.conf"), resolv_conf(dns))?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))
@@ -70,7 +70,7 @@ pub fn write(dir: &Path, hostname: &str, dns: Option<&cri::DnsConfig>) -> std::i
 /// Where a sandbox in `sandbox_dir` keeps them on the host.
 pub fn host_dir(sandbox_dir: &Path, in_share: bool) -> PathBuf {
     if in_share {
-        sandbox_dir.join("shared").join("etc")
+        crate::shared::SharedDir::new(sandbox_dir).etc_dir()
     } else {
         sandbox_dir.join("etc")
     }

@@ -4,6 +4,7 @@
 
 use crate::store::ProcessRef;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -84,6 +85,49 @@ pub async fn wait_gone(p: &ProcessRef, within: Duration) -> bool {
     true
 }
 
+/// Live `vmcri-*` processes with an argument at or below `dir` (a sandbox's VMM
+/// names its directory in `--serial` and `--shared-dir`, a host agent in
+/// `--state`). Recovery uses it for a process spawned just before a
+/// crash, whose reference never reached the disk.
+pub fn find_by_path_arg(dir: &Path) -> Vec<ProcessRef> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut args = cmdline
+                .split(|b| *b == 0)
+                .map(|a| Path::new(std::ffi::OsStr::from_bytes(a)));
+            // Only our own binaries (vmcri-vmm, vmcri-agent): an admin's
+            // `less console.log` is not a sandbox.
+            let ours = args
+                .next()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n.as_bytes().starts_with(b"vmcri-"));
+            ours && args.any(|a| a.starts_with(dir))
+        })
+        .filter_map(|pid| {
+            let (start_ticks, zombie) = stat(pid)?;
+            (!zombie).then_some(ProcessRef { pid, start_ticks })
+        })
+        .collect()
+}
+
+/// [`wait_gone`] for code that runs before the async runtime does.
+pub fn wait_gone_blocking(p: &ProcessRef, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while alive(p) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +147,33 @@ mod tests {
         kill(&p);
         assert!(wait_gone(&p, Duration::from_secs(5)).await);
         assert!(!alive(&p));
+    }
+
+    #[tokio::test]
+    async fn a_process_is_found_by_a_path_in_its_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in named like our binaries, with a path argument.
+        let bin = dir.path().join("vmcri-fake");
+        std::os::unix::fs::symlink("/bin/sh", &bin).unwrap();
+        let mut cmd = Command::new(&bin);
+        // `; true` keeps the shell itself running, with its arguments.
+        cmd.args(["-c", "sleep 30; true"])
+            .arg(dir.path().join("console.log"));
+        let p = spawn_detached(cmd, &dir.path().join("log"), || Ok(())).unwrap();
+        assert_eq!(find_by_path_arg(dir.path()), vec![p]);
+        // Another program with the same argument is not ours to end.
+        let mut other_cmd = Command::new("sh");
+        other_cmd
+            .args(["-c", "sleep 30; true"])
+            .arg(dir.path().join("console.log"));
+        let not_ours = spawn_detached(other_cmd, &dir.path().join("log"), || Ok(())).unwrap();
+        assert_eq!(find_by_path_arg(dir.path()), vec![p]);
+        kill(&not_ours);
+        let other = tempfile::tempdir().unwrap();
+        assert!(find_by_path_arg(other.path()).is_empty());
+        kill(&p);
+        assert!(wait_gone(&p, Duration::from_secs(5)).await);
+        assert!(find_by_path_arg(dir.path()).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::backend::{BackendError, Backends};
 use crate::config::Config;
 use crate::process;
-use crate::store::{PodMeta, SandboxRecord, SandboxState, Store, StoreError};
+use crate::store::{PodMeta, ProcessRef, SandboxRecord, SandboxState, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -131,6 +131,23 @@ impl Sandboxes {
     pub fn recover(config: Arc<Config>, store: Store) -> Result<Sandboxes, SandboxError> {
         let mut entries = HashMap::new();
         for mut rec in store.load_all()? {
+            if rec.state == SandboxState::NotReady {
+                // The daemon died while this sandbox booted: nobody will
+                // wait for it, so its process must not outlive the boot.
+                // It is found by its saved reference or, if it was spawned
+                // just before the crash, by its sandbox directory.
+                let mut procs: Vec<ProcessRef> = rec.process.into_iter().collect();
+                procs.extend(process::find_by_path_arg(&rec.dir));
+                for p in procs.iter().filter(|p| process::alive(p)) {
+                    tracing::warn!(sandbox_id = %rec.id, pid = p.pid, "sandbox was still starting when vmcri stopped; ending its process");
+                    process::kill(p);
+                    process::wait_gone_blocking(p, std::time::Duration::from_secs(5));
+                }
+                if rec.process.take().is_some() {
+                    rec.reason = Some("vmcri stopped while the sandbox was starting".into());
+                    store.save(&rec)?;
+                }
+            }
             if rec.state == SandboxState::Ready && !rec.process.is_some_and(|p| process::alive(&p))
             {
                 tracing::warn!(sandbox_id = %rec.id, "sandbox process exited while vmcri was down");
@@ -159,6 +176,11 @@ impl Sandboxes {
             entries: Mutex::new(entries),
             events,
         })
+    }
+
+    /// The daemon's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Subscribes to sandbox events.
@@ -268,7 +290,16 @@ impl Sandboxes {
         }
         self.publish(EventKind::Created, &rec);
         tracing::info!(sandbox_id = %id, backend = %handler.backend, name = %req.meta.name, "starting pod sandbox");
-        match self.backends.start(&rec, &handler).await {
+        let spawned = |p: ProcessRef| {
+            let mut r = lock(&entry.record);
+            r.process = Some(p);
+            let booting = r.clone();
+            drop(r);
+            self.store
+                .save(&booting)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        match self.backends.start(&rec, &handler, spawned).await {
             Ok(p) => {
                 let mut r = lock(&entry.record);
                 r.process = Some(p);
@@ -282,10 +313,11 @@ impl Sandboxes {
             }
             Err(e) => {
                 // Nothing half-made stays behind: the caller retries with the
-                // same metadata, so the record must go.
+                // same metadata, so the record must go (start killed the
+                // process if it had one).
                 lock(&self.entries).remove(&id);
                 let _ = self.store.remove(&id);
-                let _ = std::fs::remove_dir_all(socket_dir);
+                let _ = crate::hostfs::remove::remove_tree(&socket_dir);
                 tracing::error!(sandbox_id = %id, error = %e, "pod sandbox failed to start");
                 Err(e.into())
             }
@@ -336,7 +368,7 @@ impl Sandboxes {
         let rec = lock(&entry.record).clone();
         self.store.remove(&id)?;
         if let Some(dir) = rec.agent_socket.parent() {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = crate::hostfs::remove::remove_tree(dir);
         }
         lock(&self.entries).remove(&id);
         self.publish(EventKind::Deleted, &rec);

@@ -1,170 +1,152 @@
-//! A microVM pod's shared directory (`<sandbox dir>/shared`), served to
-//! the guest over virtio-fs and mounted there at [`GUEST_SHARED`]. The
-//! runtime bind-mounts into it what containers need: image layers
-//! read-only under `layers/<chain id>` (once per pod, however many
-//! containers use them) and each container's CRI volumes under
-//! `containers/<id>/<n>`. Removal unmounts first and never deletes through
-//! a mount: a volume's files belong to the host.
+//! A microVM pod's share: what the VMM serves the guest over virtio-fs
+//! and the agent mounts at [`GUEST_SHARED`].
+//!
+//! The guest is hostile, so the share is two directories (Kata's design):
+//!
+//! ```text
+//! <sandbox dir>/mounts/   host-only: the runtime writes and binds here
+//!     etc/                  the pod's hosts, resolv.conf, hostname
+//!     layers/<chain id>     image layers, bound ro (once per pod)
+//!     containers/<id>/<n>   each container's volumes, ro or rw as asked
+//! <sandbox dir>/shared/   what the VMM serves: a read-only view of
+//!                         mounts/ that receives every later bind
+//! ```
+//!
+//! `mounts/` is a mount of its own in its own peer group and `shared/` a
+//! slave clone of it whose top is read-only, so the guest can write only
+//! inside volumes bound writable, and no host operation ever resolves a
+//! path the guest could have written. Every mount carries
+//! `nosuid,nodev,noexec`, is made through fds opened beneath the sandbox
+//! directory without following symlinks, and is found again by mount ID.
 
-use std::ffi::CString;
+use crate::hostfs::{beneath, mounts, remove};
+use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Where the guest agent mounts the share.
 pub const GUEST_SHARED: &str = "/run/vmcri/shared";
 
+/// The host-only directory the runtime binds into.
+const MOUNTS: &str = "mounts";
+/// The guest's read-only view of it.
+const VIEW: &str = "shared";
+/// Mode of every directory the runtime makes here.
+const PRIVATE_DIR: u32 = 0o700;
+
+/// Serializes layer exposure, so two containers of one image created at
+/// once bind its layers once.
+static LAYERS: Mutex<()> = Mutex::new(());
+
 /// The share of one pod.
 #[derive(Debug, Clone)]
 pub struct SharedDir {
-    host: PathBuf,
+    sandbox_dir: PathBuf,
 }
 
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
 }
 
-fn mount(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
-    let s = src.map(cpath).transpose()?;
-    let t = cpath(target)?;
-    // SAFETY: valid NUL-terminated strings (or null) that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            t.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("mount on {}: {e}", target.display()),
-        ));
+/// A name the runtime made (a hex chain ID, a container ID): one plain
+/// path component.
+fn check_name(kind: &str, name: &str) -> io::Result<()> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(format!("bad {kind} {name:?}")));
     }
     Ok(())
 }
 
-/// Bind-mounts `src` (recursively) on `target`, read-only if asked; a
-/// failed remount leaves nothing mounted.
-fn bind(src: &Path, target: &Path, readonly: bool) -> io::Result<()> {
-    mount(Some(src), target, libc::MS_BIND | libc::MS_REC)?;
-    if readonly {
-        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-        if let Err(e) = mount(None, target, flags) {
-            let _ = unmount_all(target);
-            return Err(e);
-        }
+/// Whether `name` in `dir` is a mount point; a missing one is not.
+fn mounted(dir: impl AsFd, name: &str) -> io::Result<bool> {
+    match mounts::is_mount_point(dir, OsStr::new(name)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        r => r,
     }
-    Ok(())
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
-}
-
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    found.dedup();
-    found
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    mounts_under(p).iter().any(|m| m == p)
-}
-
-/// Unmounts everything at or below `dir` (lazily: busy files stay
-/// readable to whoever holds them), then checks nothing is left.
-fn unmount_all(dir: &Path) -> io::Result<()> {
-    for m in mounts_under(dir) {
-        let t = cpath(&m)?;
-        // SAFETY: a valid NUL-terminated path.
-        if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("unmount {}: {e}", m.display()),
-                ));
-            }
-        }
-    }
-    let left = mounts_under(dir);
-    if !left.is_empty() {
-        return Err(io::Error::other(format!(
-            "{} still has mounts ({}); not deleting through them",
-            dir.display(),
-            left[0].display()
-        )));
-    }
-    Ok(())
-}
-
-/// Removes `dir` after unmounting everything under it.
-pub fn remove_safely(dir: &Path) -> io::Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    unmount_all(dir)?;
-    std::fs::remove_dir_all(dir)
 }
 
 impl SharedDir {
-    /// The share at `host` (created on first use).
-    pub fn new(host: PathBuf) -> SharedDir {
-        SharedDir { host }
+    /// The share of the sandbox whose private directory is `sandbox_dir`.
+    pub fn new(sandbox_dir: &Path) -> SharedDir {
+        SharedDir {
+            sandbox_dir: sandbox_dir.to_path_buf(),
+        }
     }
 
-    /// The host directory the VMM serves.
-    pub fn path(&self) -> &Path {
-        &self.host
+    /// The directory the VMM serves (the read-only view).
+    pub fn path(&self) -> PathBuf {
+        self.sandbox_dir.join(VIEW)
+    }
+
+    /// Where the host writes the pod's /etc files.
+    pub fn etc_dir(&self) -> PathBuf {
+        self.sandbox_dir.join(MOUNTS).join("etc")
     }
 
     fn guest(rel: &Path) -> String {
         Path::new(GUEST_SHARED).join(rel).display().to_string()
     }
 
+    fn sandbox_fd(&self) -> io::Result<OwnedFd> {
+        Ok(std::fs::File::open(&self.sandbox_dir)?.into())
+    }
+
+    /// `mounts/`, the mount (not the directory under it).
+    fn mounts_fd(&self) -> io::Result<OwnedFd> {
+        let sandbox = self.sandbox_fd()?;
+        if !mounted(&sandbox, MOUNTS)? {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the pod's share is not set up",
+            ));
+        }
+        beneath::open_dir(&sandbox, Path::new(MOUNTS), false)
+    }
+
+    /// Sets up `mounts/` and the guest's view of it; idempotent, so a
+    /// restarted daemon can call it again.
+    pub fn prepare(&self) -> io::Result<()> {
+        let sandbox = self.sandbox_fd()?;
+        if !mounted(&sandbox, MOUNTS)? {
+            let dir = beneath::mkdirs(&sandbox, Path::new(MOUNTS), PRIVATE_DIR)?;
+            mounts::shared_root(dir.as_fd())?;
+        }
+        if !mounted(&sandbox, VIEW)? {
+            let source = beneath::open_dir(&sandbox, Path::new(MOUNTS), false)?;
+            let view = beneath::mkdirs(&sandbox, Path::new(VIEW), PRIVATE_DIR)?;
+            mounts::read_only_view(&source, &view)?;
+        }
+        Ok(())
+    }
+
     /// Exposes image layer `chain_hex` (at `src`) read-only; returns its
     /// path in the guest. Idempotent.
     pub fn expose_layer(&self, chain_hex: &str, src: &Path) -> io::Result<String> {
         if chain_hex.is_empty() || !chain_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "bad layer chain ID",
-            ));
+            return Err(invalid(format!("bad layer chain ID {chain_hex:?}")));
         }
         let rel = Path::new("layers").join(chain_hex);
-        let target = self.host.join(&rel);
-        if !is_mount_point(&target) {
-            std::fs::create_dir_all(&target)?;
-            bind(src, &target, true)?;
+        let _one = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
+        let root = self.mounts_fd()?;
+        let layers = beneath::mkdirs(&root, Path::new("layers"), PRIVATE_DIR)?;
+        if !mounts::is_mount_point(&layers, OsStr::new(chain_hex)).unwrap_or(false) {
+            let target = beneath::mkdirs(&layers, Path::new(chain_hex), PRIVATE_DIR)?;
+            mounts::bind(
+                src,
+                &target,
+                mounts::BindOptions {
+                    readonly: true,
+                    recursive: false,
+                },
+            )?;
         }
         Ok(Self::guest(&rel))
     }
@@ -178,45 +160,92 @@ impl SharedDir {
         src: &Path,
         readonly: bool,
     ) -> io::Result<String> {
+        check_name("container ID", id)?;
         let rel = Path::new("containers").join(id).join(index.to_string());
-        let target = self.host.join(&rel);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        if src.is_dir() {
-            std::fs::create_dir_all(&target)?;
+        let root = self.mounts_fd()?;
+        let target = if src.is_dir() {
+            beneath::mkdirs(&root, &rel, PRIVATE_DIR)?
         } else {
-            std::fs::File::create(&target)?;
-        }
-        bind(src, &target, readonly)?;
+            beneath::mkfile(&root, &rel, PRIVATE_DIR)?
+        };
+        mounts::bind(
+            src,
+            &target,
+            mounts::BindOptions {
+                readonly,
+                recursive: true,
+            },
+        )?;
         Ok(Self::guest(&rel))
     }
 
     /// Unexposes container `id`'s volumes.
     pub fn release_container(&self, id: &str) -> io::Result<()> {
-        remove_safely(&self.host.join("containers").join(id))
+        check_name("container ID", id)?;
+        let root = match self.mounts_fd() {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let containers = match beneath::open_dir(&root, Path::new("containers"), true) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match beneath::open_dir(&containers, Path::new(id), true) {
+            Ok(dir) => {
+                for entry in rustix::fs::Dir::read_from(&dir)
+                    .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?
+                {
+                    let entry =
+                        entry.map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+                    let name = entry.file_name();
+                    if name != c"." && name != c".." {
+                        mounts::unmount_at(&dir, OsStr::from_bytes(name.to_bytes()))?;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        remove::remove_tree_at(&containers, OsStr::new(id))
     }
 
-    /// Unexposes everything and removes the share.
+    /// Unexposes everything (the view and every bind under `mounts/`, in
+    /// one lazy unmount each) and deletes both directories.
     pub fn release_all(&self) -> io::Result<()> {
-        remove_safely(&self.host)
+        let sandbox = match self.sandbox_fd() {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for name in [VIEW, MOUNTS] {
+            mounts::unmount_at(&sandbox, OsStr::new(name))?;
+            remove::remove_tree_at(&sandbox, OsStr::new(name))?;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b/c"), PathBuf::from("/a b/c"));
-        assert_eq!(unescape(r"/plain"), PathBuf::from("/plain"));
-        assert_eq!(unescape(r"/end\04"), PathBuf::from(r"/end\04"));
+    fn mounted(path: &Path) -> bool {
+        let parent = std::fs::File::open(path.parent().unwrap()).unwrap();
+        mounts::is_mount_point(&parent, path.file_name().unwrap()).unwrap()
     }
 
-    // Needs root (bind mounts), which the test machine has.
-    #[test]
-    fn layers_are_read_only_volumes_follow_the_request_and_removal_spares_the_host() {
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        layer: PathBuf,
+        volume: PathBuf,
+        file_volume: PathBuf,
+        share: SharedDir,
+    }
+
+    fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let layer = dir.path().join("layer");
         let volume = dir.path().join("volume");
@@ -226,59 +255,120 @@ mod tests {
         std::fs::write(volume.join("v"), "volume file").unwrap();
         let file_volume = dir.path().join("hosts");
         std::fs::write(&file_volume, "127.0.0.1 localhost\n").unwrap();
-        let share = SharedDir::new(dir.path().join("shared"));
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let share = SharedDir::new(&sandbox);
+        share.prepare().unwrap();
+        Fixture {
+            _dir: dir,
+            layer,
+            volume,
+            file_volume,
+            share,
+        }
+    }
 
-        let g = share.expose_layer("abc123", &layer).unwrap();
-        assert_eq!(g, "/run/vmcri/shared/layers/abc123");
-        // Exposing again is a no-op, not a second mount.
-        share.expose_layer("abc123", &layer).unwrap();
-        assert_eq!(mounts_under(&share.path().join("layers")).len(), 1);
-        let exposed = share.path().join("layers/abc123");
+    // These need root (bind mounts), which the test machine has.
+    #[test]
+    fn the_view_is_read_only_and_shows_layers_ro_and_volumes_as_asked() {
+        let f = fixture();
+        let view = f.share.path();
+        // Prepare again (a restarted daemon): no second mount.
+        f.share.prepare().unwrap();
         assert_eq!(
-            std::fs::read_to_string(exposed.join("f")).unwrap(),
+            std::fs::metadata(&view).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let g = f.share.expose_layer("abc123", &f.layer).unwrap();
+        assert_eq!(g, "/run/vmcri/shared/layers/abc123");
+        f.share.expose_layer("abc123", &f.layer).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(view.join("layers/abc123/f")).unwrap(),
             "layer file"
         );
-        assert!(
-            std::fs::write(exposed.join("new"), "x").is_err(),
-            "layer writable"
-        );
-        assert!(share.expose_layer("../x", &layer).is_err());
+        assert!(f.share.expose_layer("../x", &f.layer).is_err());
 
-        share.expose_volume("c1", 0, &volume, false).unwrap();
-        share.expose_volume("c1", 1, &volume, true).unwrap();
-        share.expose_volume("c1", 2, &file_volume, true).unwrap();
-        let c1 = share.path().join("containers/c1");
-        std::fs::write(c1.join("0/w"), "written").unwrap();
+        f.share.expose_volume("c1", 0, &f.volume, false).unwrap();
+        f.share.expose_volume("c1", 1, &f.volume, true).unwrap();
+        f.share
+            .expose_volume("c1", 2, &f.file_volume, true)
+            .unwrap();
+        assert!(f.share.expose_volume("../c", 0, &f.volume, false).is_err());
+
+        // What the guest can and cannot do through the view.
+        let guest = |rel: &str| view.join(rel);
+        std::fs::write(guest("containers/c1/0/w"), "written").unwrap();
         assert_eq!(
-            std::fs::read_to_string(volume.join("w")).unwrap(),
+            std::fs::read_to_string(f.volume.join("w")).unwrap(),
             "written"
         );
-        assert!(
-            std::fs::write(c1.join("1/w2"), "x").is_err(),
-            "read-only volume writable"
-        );
+        for (what, r) in [
+            ("top", std::fs::write(guest("x"), "x")),
+            ("layers/", std::fs::write(guest("layers/evil"), "x")),
+            ("a layer", std::fs::write(guest("layers/abc123/new"), "x")),
+            ("containers/", std::fs::write(guest("containers/c1/x"), "x")),
+            (
+                "a ro volume",
+                std::fs::write(guest("containers/c1/1/w2"), "x"),
+            ),
+            ("etc", std::fs::write(guest("etc"), "x")),
+        ] {
+            assert!(r.is_err(), "the guest could write in {what}");
+        }
+        assert!(symlink("/etc", guest("layers/next")).is_err());
+        assert!(std::fs::create_dir(guest("containers/c2")).is_err());
         assert_eq!(
-            std::fs::read_to_string(c1.join("2")).unwrap(),
+            std::fs::read_to_string(guest("containers/c1/2")).unwrap(),
             "127.0.0.1 localhost\n"
         );
+        // Every mount in the pod is nosuid, nodev and noexec.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let sandbox = f.share.sandbox_dir.display().to_string();
+        let ours: Vec<&str> = info.lines().filter(|l| l.contains(&sandbox)).collect();
+        assert_eq!(ours.len(), 2 + 2 * 4, "{ours:#?}");
+        for l in &ours {
+            let opts = l.split(' ').nth(5).unwrap();
+            for flag in ["nosuid", "nodev", "noexec"] {
+                assert!(opts.split(',').any(|o| o == flag), "{flag} missing: {l}");
+            }
+        }
 
-        share.release_container("c1").unwrap();
-        assert!(!c1.exists());
-        share.release_all().unwrap();
-        assert!(!share.path().exists());
-        // The host's files survived both removals.
+        f.share.release_container("c1").unwrap();
+        assert!(!guest("containers/c1").exists());
+        assert!(!f
+            .share
+            .etc_dir()
+            .parent()
+            .unwrap()
+            .join("containers/c1")
+            .exists());
+        f.share.release_all().unwrap();
+        assert!(!view.exists());
+        assert!(!f.share.sandbox_dir.join(MOUNTS).exists());
+        // The host's files survived.
         assert_eq!(
-            std::fs::read_to_string(layer.join("f")).unwrap(),
+            std::fs::read_to_string(f.layer.join("f")).unwrap(),
             "layer file"
         );
         assert_eq!(
-            std::fs::read_to_string(volume.join("v")).unwrap(),
+            std::fs::read_to_string(f.volume.join("v")).unwrap(),
             "volume file"
         );
-        assert_eq!(
-            std::fs::read_to_string(volume.join("w")).unwrap(),
-            "written"
-        );
-        assert!(file_volume.exists());
+        assert!(f.file_volume.exists());
+    }
+
+    #[test]
+    fn release_all_takes_every_mount_in_one_go() {
+        let f = fixture();
+        f.share.expose_layer("ab", &f.layer).unwrap();
+        f.share.expose_volume("c9", 0, &f.volume, false).unwrap();
+        assert!(mounted(&f.share.path().join("layers/ab")));
+        f.share.release_all().unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!info.contains(&f.share.sandbox_dir.display().to_string()));
+        assert!(f.volume.join("v").exists());
+        // Nothing left to release.
+        f.share.release_all().unwrap();
+        f.share.release_container("c9").unwrap();
     }
 }

@@ -126,6 +126,10 @@ pub struct PodContext {
     /// Where each CRI mount's source is as the agent sees it (in a
     /// microVM, its path in the pod's share); empty: the host path.
     pub mount_sources: Vec<String>,
+    /// Whether the container runs in a microVM. Without one (the process
+    /// backend) the host kernel is its only wall: it gets no CAP_MKNOD,
+    /// and seccomp profiles it cannot enforce are refused.
+    pub in_vm: bool,
 }
 
 /// The user a container runs as.
@@ -303,11 +307,53 @@ fn capability_name(c: &str) -> String {
     }
 }
 
-fn capabilities(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Vec<String>, SpecError> {
+/// Refuses the seccomp profiles that would not be enforced. In a microVM
+/// `RuntimeDefault` is accepted (the VM boundary, as in Kata, is what
+/// stands between the container and the host); `Localhost` is not
+/// supported anywhere yet. On the host nothing would enforce either.
+// Kubelets before 1.25 still send the deprecated string form.
+#[allow(deprecated)]
+fn check_seccomp(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+    in_vm: bool,
+) -> Result<(), SpecError> {
+    use cri::security_profile::ProfileType;
+    let Some(sc) = sc else { return Ok(()) };
+    let profile = match &sc.seccomp {
+        Some(p) if p.profile_type == ProfileType::Localhost as i32 => Some("Localhost"),
+        Some(p) if p.profile_type == ProfileType::RuntimeDefault as i32 => Some("RuntimeDefault"),
+        Some(_) => None,
+        // The deprecated string form kubelet may still send.
+        None => match sc.seccomp_profile_path.as_str() {
+            "" | "unconfined" => None,
+            p if p.starts_with("localhost/") => Some("Localhost"),
+            _ => Some("RuntimeDefault"),
+        },
+    };
+    match profile {
+        Some("Localhost") => Err(SpecError::Unsupported(
+            "Localhost seccomp profiles are not supported yet".into(),
+        )),
+        Some(p) if !in_vm => Err(SpecError::Unsupported(format!(
+            "the process backend cannot enforce the {p} seccomp profile (it has no VM and no \
+             host filter); run the pod with a microVM handler or as Unconfined"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn capabilities(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+    in_vm: bool,
+) -> Result<Vec<String>, SpecError> {
     if sc.is_some_and(|s| s.privileged) {
         return Ok(ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect());
     }
-    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    let mut caps: Vec<String> = DEFAULT_CAPABILITIES
+        .iter()
+        .filter(|c| in_vm || **c != "CAP_MKNOD")
+        .map(|s| s.to_string())
+        .collect();
     if let Some(c) = sc.and_then(|s| s.capabilities.as_ref()) {
         let known = |n: &str| ALL_CAPABILITIES.contains(&n);
         for add in &c.add_capabilities {
@@ -587,13 +633,7 @@ pub fn build(
         .linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref());
-    if let Some(p) = sc.and_then(|s| s.seccomp.as_ref()) {
-        if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 {
-            return Err(SpecError::Unsupported(
-                "Localhost seccomp profiles are not supported yet".into(),
-            ));
-        }
-    }
+    check_seccomp(sc, pod.in_vm)?;
     let args = process_args(config, image);
     if args.is_empty() {
         return Err(invalid(
@@ -619,7 +659,7 @@ pub fn build(
         .and_then(|c| c.user().clone())
         .unwrap_or_default();
     let user = resolve_user(sc, &image_user, layers)?;
-    let caps = capabilities(sc)?;
+    let caps = capabilities(sc, pod.in_vm)?;
     let privileged = sc.is_some_and(|s| s.privileged);
     let readonly_rootfs = sc.is_some_and(|s| s.readonly_rootfs);
     let pick = |given: Option<&Vec<String>>, default: &[&str]| -> Vec<String> {
@@ -700,6 +740,7 @@ mod tests {
             sandbox_id: "s1".into(),
             etc_files: Vec::new(),
             mount_sources: Vec::new(),
+            in_vm: true,
         }
     }
 
@@ -809,7 +850,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let caps = capabilities(Some(&sc)).unwrap();
+        let caps = capabilities(Some(&sc), true).unwrap();
         assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
         assert!(!caps.contains(&"CAP_KILL".to_string()));
         sc.capabilities = Some(cri::Capability {
@@ -818,20 +859,72 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            capabilities(Some(&sc)).unwrap(),
+            capabilities(Some(&sc), true).unwrap(),
             vec!["CAP_CHOWN".to_string()]
         );
         sc.capabilities = Some(cri::Capability {
             add_capabilities: vec!["BOGUS".into()],
             ..Default::default()
         });
-        assert!(capabilities(Some(&sc)).is_err());
+        assert!(capabilities(Some(&sc), true).is_err());
         sc.capabilities = None;
         sc.privileged = true;
         assert_eq!(
-            capabilities(Some(&sc)).unwrap().len(),
+            capabilities(Some(&sc), true).unwrap().len(),
             ALL_CAPABILITIES.len()
         );
+    }
+
+    #[test]
+    fn on_the_host_mknod_is_not_a_default_capability() {
+        let in_vm = capabilities(None, true).unwrap();
+        assert!(in_vm.contains(&"CAP_MKNOD".to_string()));
+        let host = capabilities(None, false).unwrap();
+        assert!(!host.contains(&"CAP_MKNOD".to_string()));
+        assert_eq!(host.len(), in_vm.len() - 1);
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn seccomp_profiles_nothing_enforces_are_refused() {
+        use cri::security_profile::ProfileType;
+        let with = |t: ProfileType| cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: t as i32,
+                localhost_ref: "p.json".into(),
+            }),
+            ..Default::default()
+        };
+        let legacy = |p: &str| cri::LinuxContainerSecurityContext {
+            seccomp_profile_path: p.into(),
+            ..Default::default()
+        };
+        // In a VM: RuntimeDefault is accepted, Localhost is not supported.
+        assert!(check_seccomp(Some(&with(ProfileType::RuntimeDefault)), true).is_ok());
+        assert!(check_seccomp(Some(&with(ProfileType::Unconfined)), true).is_ok());
+        assert!(matches!(
+            check_seccomp(Some(&with(ProfileType::Localhost)), true),
+            Err(SpecError::Unsupported(_))
+        ));
+        // On the host, only Unconfined (or nothing) goes.
+        for sc in [
+            with(ProfileType::RuntimeDefault),
+            with(ProfileType::Localhost),
+            legacy("runtime/default"),
+            legacy("docker/default"),
+            legacy("localhost/p.json"),
+        ] {
+            assert!(
+                matches!(
+                    check_seccomp(Some(&sc), false),
+                    Err(SpecError::Unsupported(_))
+                ),
+                "{sc:?}"
+            );
+        }
+        assert!(check_seccomp(Some(&with(ProfileType::Unconfined)), false).is_ok());
+        assert!(check_seccomp(Some(&legacy("unconfined")), false).is_ok());
+        assert!(check_seccomp(None, false).is_ok());
     }
 
     #[test]

@@ -6,7 +6,9 @@ use crate::config::Backend;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 /// Pod metadata from the CRI request.
@@ -100,11 +102,21 @@ pub struct Store {
 /// old or the new content, never a torn file: write a sibling, fsync it,
 /// rename it over `path`, fsync the directory.
 pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let tmp = temp_sibling(path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     // Make the rename itself durable.
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
@@ -112,6 +124,25 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A temporary name beside `path` that no concurrent save shares:
+/// `.<name>.<pid>.<counter>.tmp`.
+fn temp_sibling(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Creates `dir` and its missing parents, each private to root (0700);
+/// an existing `dir` is made 0700 too.
+pub fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -125,7 +156,7 @@ impl Store {
     /// Opens (creating) the store under `root`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let dir = root.join("sandboxes");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        private_dirs(&dir).map_err(io_err(&dir))?;
         Ok(Store { dir })
     }
 
@@ -141,7 +172,7 @@ impl Store {
     /// Writes `rec` atomically.
     pub fn save(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        private_dirs(&dir).map_err(io_err(&dir))?;
         let path = self.record_path(&rec.id);
         let data = serde_json::to_vec_pretty(rec)?;
         write_atomically(&path, &data).map_err(io_err(&path))
@@ -150,12 +181,12 @@ impl Store {
     /// Removes sandbox `id`'s record and directory.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(id);
-        // Never delete through a mount (a pod's share binds host volumes).
-        match crate::shared::remove_safely(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&dir)(e)),
-        }
+        // Unbind the share first; removal never deletes through a mount
+        // (a pod's share binds host volumes) nor follows a symlink.
+        crate::shared::SharedDir::new(&dir)
+            .release_all()
+            .and_then(|()| crate::hostfs::remove::remove_tree(&dir))
+            .map_err(io_err(&dir))
     }
 
     /// Every readable record. A record that cannot be parsed is reported

@@ -449,7 +449,7 @@ fn main() {
     let daemon = Daemon::start(
         &scratch.0,
         &format!(
-            "default_handler = \"vmcri-process\"\n[process]\nagent = \"{}\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\ncall_timeout_secs = 300\n",
+            "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\ncall_timeout_secs = 300\n",
             a.agent.display(),
             a.kernel.display(),
             a.agent_initrd.display(),

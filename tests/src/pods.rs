@@ -46,7 +46,7 @@ pub fn setup_with(s: &Scratch, extra: &str) -> Setup {
     let daemon = Daemon::start(
         &s.0,
         &format!(
-            "default_handler = \"vmcri-process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{extra}",
+            "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{extra}",
             a.agent.display(),
             a.kernel.display(),
             a.agent_initrd.display(),

@@ -14,6 +14,9 @@ use vmcri_proto::agent::v1 as pb;
 use vmcri_proto::agent::v1::agent_client::AgentClient;
 use vmcri_proto::{AGENT_API_VERSION, AGENT_VSOCK_PORT};
 
+pub mod output;
+
+pub use output::{OutputStream, MAX_OUTPUT_CHUNK};
 /// gRPC status codes, re-exported for callers matching on errors.
 pub use tonic::Code;
 
@@ -385,13 +388,15 @@ impl Agent {
         &self,
         process: pb::ProcessRef,
         from_offset: u64,
-    ) -> Result<tonic::Streaming<pb::OutputChunk>, ClientError> {
+    ) -> Result<OutputStream, ClientError> {
         let mut c = self.client.clone();
         let req = pb::ReadOutputRequest {
             process: Some(process),
             from_offset,
         };
-        deadline("ReadOutput", self.call_timeout, c.read_output(req)).await
+        deadline("ReadOutput", self.call_timeout, c.read_output(req))
+            .await
+            .map(OutputStream::new)
     }
 
     /// Cgroup statistics of the given containers (all when empty).

@@ -1,0 +1,267 @@
+//! Bind mounts made and undone through fds, identified by mount ID.
+//!
+//! A bind is cloned with `open_tree`, given its flags with
+//! `mount_setattr` while still detached, and only then attached with
+//! `move_mount` onto a target fd opened beneath a trusted directory. So a
+//! mount is never visible, not even for an instant, without `nosuid`,
+//! `nodev`, `noexec` (and `ro` where asked), and copies that propagate to
+//! a pod's read-only view inherit exactly those flags.
+
+use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+use rustix::mount::{MoveMountFlags, OpenTreeFlags, UnmountFlags};
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+fn err(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+// linux/mount.h: mount_setattr(2) attributes and its argument.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// Every mount the runtime makes for a guest carries these.
+const LOCKED_DOWN: u64 = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Propagation of a mount.
+#[derive(Debug, Clone, Copy)]
+pub enum Propagation {
+    /// Its own peer group: mounts made under it reach its slaves.
+    Shared,
+    /// Receives mounts from its master, sends none back.
+    Slave,
+    /// Neither.
+    Private,
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH [| AT_RECURSIVE], attr)`; no
+/// crate wraps it yet (rustix has the other new mount syscalls).
+fn setattr(fd: BorrowedFd<'_>, recursive: bool, attr: &MountAttr) -> io::Result<()> {
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: `fd` is a valid fd, the path a valid empty C string and
+    // `attr` a live, properly laid out mount_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the propagation of the mount at `fd` (the mount itself, not its
+/// children).
+pub fn set_propagation(fd: impl AsFd, p: Propagation) -> io::Result<()> {
+    let propagation = match p {
+        Propagation::Shared => libc::MS_SHARED,
+        Propagation::Slave => libc::MS_SLAVE,
+        Propagation::Private => libc::MS_PRIVATE,
+    };
+    setattr(
+        fd.as_fd(),
+        false,
+        &MountAttr {
+            attr_set: 0,
+            attr_clr: 0,
+            propagation,
+            userns_fd: 0,
+        },
+    )
+}
+
+/// The ID of the mount `fd` lives on.
+pub fn mount_id(fd: impl AsFd) -> io::Result<u64> {
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID).map_err(err)?;
+    if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel reports no mount IDs (Linux 5.8 or later is needed)",
+        ));
+    }
+    Ok(st.stx_mnt_id)
+}
+
+/// Whether `name` in `dir` is the root of a mount (a bind target),
+/// without following a symlink there.
+pub fn is_mount_point(dir: impl AsFd, name: &OsStr) -> io::Result<bool> {
+    let st =
+        rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::MNT_ID).map_err(err)?;
+    if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+        return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the kernel does not tell mount roots (Linux 5.8 or later is needed)",
+    ))
+}
+
+/// How a bind is attached.
+#[derive(Debug, Clone, Copy)]
+pub struct BindOptions {
+    /// Read-only, recursively.
+    pub readonly: bool,
+    /// Clone the source's submounts too.
+    pub recursive: bool,
+}
+
+/// Binds `src` (a host path the runtime trusts: an image layer, a volume
+/// kubelet named) onto `target`, an fd opened beneath a trusted
+/// directory, with `nosuid,nodev,noexec` (and `ro` if asked) set before
+/// it is attached. Returns the new mount's ID.
+pub fn bind(src: &Path, target: impl AsFd, opts: BindOptions) -> io::Result<u64> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if opts.recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, src, flags).map_err(|e| {
+        io::Error::new(
+            err(e).kind(),
+            format!("cloning mount of {}: {}", src.display(), err(e)),
+        )
+    })?;
+    let mut set = LOCKED_DOWN;
+    if opts.readonly {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    // The clone would otherwise join the source's peer group, and mounts
+    // made under the target would propagate back to the host's tree.
+    set_propagation(&tree, Propagation::Private)?;
+    setattr(
+        tree.as_fd(),
+        opts.recursive,
+        &MountAttr {
+            attr_set: set,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )?;
+    attach(tree, target)
+}
+
+fn attach(tree: OwnedFd, target: impl AsFd) -> io::Result<u64> {
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(err)?;
+    mount_id(&tree)
+}
+
+/// Makes directory `dir` (an fd) a mount of its own in a new peer group,
+/// `nosuid,nodev,noexec`: binds made under it then propagate to its
+/// slaves (see [`read_only_view`]). Returns the mount, as an fd.
+pub fn shared_root(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let tree = rustix::mount::open_tree(
+        dir,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(err)?;
+    setattr(
+        tree.as_fd(),
+        false,
+        &MountAttr {
+            attr_set: LOCKED_DOWN,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )?;
+    // A clone of a shared mount joins its peer group: leave it first,
+    // then start a group of our own.
+    set_propagation(&tree, Propagation::Private)?;
+    // Attaching onto `dir` covers the directory the clone shows.
+    attach(tree.try_clone()?, dir)?;
+    set_propagation(&tree, Propagation::Shared)?;
+    Ok(tree)
+}
+
+/// Gives `target` (an fd of an empty directory) a read-only view of the
+/// shared mount `source`: a recursive clone whose top is
+/// `ro,nosuid,nodev,noexec` and that receives, as a slave, every bind
+/// later made under `source`, each with the flags it was made with.
+pub fn read_only_view(source: impl AsFd, target: impl AsFd) -> io::Result<u64> {
+    let tree = rustix::mount::open_tree(
+        source,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH
+            | OpenTreeFlags::AT_RECURSIVE,
+    )
+    .map_err(err)?;
+    setattr(
+        tree.as_fd(),
+        false,
+        &MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY | LOCKED_DOWN,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )?;
+    let id = attach(tree.try_clone()?, target)?;
+    set_propagation(&tree, Propagation::Slave)?;
+    Ok(id)
+}
+
+/// Lazily unmounts every mount stacked on `name` in `dir` (busy files
+/// stay usable by whoever holds them). Returns how many went.
+pub fn unmount_at(dir: impl AsFd, name: &OsStr) -> io::Result<usize> {
+    let dir = dir.as_fd();
+    // More than a few stacked mounts is nothing we made: stop there.
+    for n in 0..64 {
+        match is_mount_point(dir, name) {
+            Ok(true) => {}
+            Ok(false) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(err)?;
+        // The fd names the mount's root; its /proc link reaches exactly
+        // that mount, whatever path strings mountinfo shows.
+        rustix::mount::unmount(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+            UnmountFlags::DETACH,
+        )
+        .map_err(err)?;
+    }
+    Err(io::Error::other(format!(
+        "more than 64 mounts stacked on {}",
+        Path::new(name).display()
+    )))
+}
