@@ -33,6 +33,22 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Mounts (mountinfo lines) under `dir` other than the daemon's own
+/// private `<root>/sandboxes` mount, which lives as long as the root.
+fn pod_mounts(dir: &Path, root: &Path) -> Vec<String> {
+    let sandboxes = root.join("sandboxes");
+    mounts_under(dir)
+        .into_iter()
+        .filter(|l| l.split(' ').nth(4).map(Path::new) != Some(sandboxes.as_path()))
+        .collect()
+}
+
+/// The permission bits of `p`.
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
 /// PIDs of `vmcri-vmm` processes whose command line mentions `dir`.
 fn vmms_under(dir: &Path) -> Vec<i32> {
     let needle = dir.display().to_string();
@@ -56,7 +72,6 @@ fn as_nobody(script: &str) -> bool {
         .arg(script)
         .uid(65534)
         .gid(65534)
-        .groups(&[])
         .output()
         .expect("run sh as nobody")
         .status
@@ -216,7 +231,7 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
         assert_eq!(std::fs::read_dir(&canary).unwrap().count(), 0);
         assert_eq!(std::fs::read_to_string(&canary_file).unwrap(), "keep");
         let sandbox = sandbox_dir(&root);
-        let ours = mounts_under(&setup.dir);
+        let ours = pod_mounts(&setup.dir, &root);
         assert!(!ours.is_empty());
         for m in &ours {
             let point = m.split(' ').nth(4).unwrap();
@@ -254,8 +269,21 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
         for c in &checks[..3] {
             assert!(as_root(c), "root cannot {c}: the check proves nothing");
         }
+        assert!(as_nobody("true"), "cannot run anything as nobody");
         for c in &checks {
             assert!(!as_nobody(c), "an unprivileged user could {c}");
+        }
+        // Each wall on its own, not only the root's: every level is
+        // private to root, and the binds are nosuid (checked above).
+        for dir in [
+            root.clone(),
+            root.join("sandboxes"),
+            sandbox.clone(),
+            sandbox.join("mounts"),
+            view.clone(),
+            root.join("run"),
+        ] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         }
 
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
@@ -269,11 +297,8 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
     });
     // Nothing of the pod is left, and nothing of the host was touched: the
     // volume keeps the guest's tree and links, their targets their data.
-    assert!(
-        mounts_under(&setup.dir).is_empty(),
-        "{:?}",
-        mounts_under(&setup.dir)
-    );
+    let left = pod_mounts(&setup.dir, &root);
+    assert!(left.is_empty(), "{left:?}");
     assert_eq!(
         std::fs::read_dir(root.join("sandboxes")).unwrap().count(),
         0
@@ -320,6 +345,9 @@ fn a_daemon_killed_during_a_boot_leaks_no_vmm_mount_or_directory() {
     }
     let vmm = vmms_under(&root);
     setup.daemon.kill9();
+    // The share was set up before the VMM started: there is something
+    // to clean up.
+    assert!(!pod_mounts(&setup.dir, &root).is_empty());
     runtime.block_on(async {
         let _ = booting.await;
     });
@@ -334,15 +362,18 @@ fn a_daemon_killed_during_a_boot_leaks_no_vmm_mount_or_directory() {
             .items;
         assert_eq!(pods.len(), 1, "{pods:?}");
         assert_eq!(pods[0].state, cri::PodSandboxState::SandboxNotready as i32);
-        // Recovery ended the VMM nobody waits for.
-        for pid in &vmm {
+        // Recovery ended the VMM nobody waits for (it may take a moment
+        // to exit on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while vmm.iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("vmcri-vmm"))
+        }) {
             assert!(
-                !Path::new(&format!("/proc/{pid}/cmdline")).exists()
-                    || !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                        .unwrap_or_default()
-                        .contains("vmcri-vmm"),
-                "VMM {pid} survived the restart"
+                Instant::now() < deadline,
+                "VMM {vmm:?} survived the restart"
             );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pods[0].id.clone(),
@@ -351,11 +382,8 @@ fn a_daemon_killed_during_a_boot_leaks_no_vmm_mount_or_directory() {
         .expect("RemovePodSandbox");
     });
     assert!(vmms_under(&root).is_empty());
-    assert!(
-        mounts_under(&setup.dir).is_empty(),
-        "{:?}",
-        mounts_under(&setup.dir)
-    );
+    let left = pod_mounts(&setup.dir, &root);
+    assert!(left.is_empty(), "{left:?}");
     assert_eq!(
         std::fs::read_dir(root.join("sandboxes")).unwrap().count(),
         0

@@ -341,6 +341,11 @@ impl Config {
                 )));
             }
         }
+        if self.agent.stats_timeout_secs == 0 || self.agent.call_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "agent: call_timeout_secs and stats_timeout_secs must be at least 1".into(),
+            ));
+        }
         if self.images.min_free_percent > 100 {
             return Err(ConfigError::Invalid(
                 "images: min_free_percent must be 0-100".into(),

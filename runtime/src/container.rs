@@ -29,7 +29,7 @@ const UNKNOWN_EXIT: i32 = 255;
 const MAX_EXEC_OUTPUT: usize = 16 << 20;
 /// Bytes of output held for attached clients (one ring per container,
 /// shared by its clients, filled only while one is attached).
-const ATTACH_BACKLOG_BYTES: usize = 4 << 20;
+const ATTACH_BACKLOG_BYTES: usize = 16 << 20;
 /// The ring's length in chunks: each holds at most
 /// [`vmcri_agent_client::MAX_OUTPUT_CHUNK`] bytes, so the ring holds at
 /// most [`ATTACH_BACKLOG_BYTES`].
@@ -545,7 +545,22 @@ impl Containers {
         let mut agent_layers: Vec<String> =
             layers.iter().map(|p| p.display().to_string()).collect();
         if microvm {
-            let (guest_layers, sources) = expose(&sandbox, &id, &image, &layers, &config)?;
+            // Mount syscalls block (a volume on a hung NFS server): keep
+            // them off the async workers.
+            let (guest_layers, sources) = {
+                let (sandbox, id, image, layers, config) = (
+                    sandbox.clone(),
+                    id.clone(),
+                    image.clone(),
+                    layers.clone(),
+                    config.clone(),
+                );
+                tokio::task::spawn_blocking(move || expose(&sandbox, &id, &image, &layers, &config))
+                    .await
+                    .map_err(|e| {
+                        ContainerError::Io(format!("exposing the container's files: {e}"))
+                    })??
+            };
             agent_layers = guest_layers;
             pod.mount_sources = sources;
             built = spec::build(&id, &config, &image_config, &layers, &pod)?;
@@ -1149,7 +1164,13 @@ async fn copy_output(
                 } else {
                     Stream::Stdout
                 };
-                pos.offset = chunk.offset + chunk.data.len() as u64;
+                // The offset is the guest's word: one that would overflow
+                // is a lie, and the rest of the stream is not trusted.
+                let Some(end) = chunk.offset.checked_add(chunk.data.len() as u64) else {
+                    tracing::warn!(container_id = %id, "agent sent an impossible output offset; stopped copying");
+                    return;
+                };
+                pos.offset = end;
                 if attached.receiver_count() > 0 {
                     let _ = attached.send(chunk.clone());
                 }

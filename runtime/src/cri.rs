@@ -65,6 +65,17 @@ impl Cri {
     }
 }
 
+/// Runs `f` on its own task, so that a client that gives up (kubelet's
+/// deadline) does not cancel it half-way; its result still reaches a
+/// caller that waits.
+async fn run_to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Status::internal(format!("the operation's task failed: {e}")))
+}
+
 impl Cri {
     async fn pod_stats(&self, rec: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
         let (total, each) = self.containers.sandbox_stats(&rec.id).await?;
@@ -433,7 +444,10 @@ impl RuntimeService for Cri {
         req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
         let run = run_request(req.into_inner())?;
-        let id = self.sandboxes.run(run).await?;
+        // Not cancelled with the call: kubelet's deadline must not leave a
+        // VMM booting with nobody to record or end it.
+        let sandboxes = self.sandboxes.clone();
+        let id = run_to_completion(async move { sandboxes.run(run).await }).await??;
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))
@@ -537,7 +551,12 @@ impl RuntimeService for Cri {
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("CreateContainer: config is required"))?;
-        let container_id = self.containers.create(&req.pod_sandbox_id, config).await?;
+        // Not cancelled with the call: a create cut off half-way would
+        // leave volumes bound and the name taken.
+        let containers = self.containers.clone();
+        let pod = req.pod_sandbox_id;
+        let container_id =
+            run_to_completion(async move { containers.create(&pod, config).await }).await??;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Which stream a log entry is from.
@@ -92,7 +93,11 @@ impl LogFile {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = File::options().create(true).append(true).open(path)?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)?;
         Ok(LogFile {
             path: path.to_path_buf(),
             file,
@@ -116,7 +121,11 @@ impl LogFile {
     /// Closes the file and opens `path` anew.
     pub fn reopen(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
-        self.file = File::options().create(true).append(true).open(&self.path)?;
+        self.file = File::options()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&self.path)?;
         Ok(())
     }
 }

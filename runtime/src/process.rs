@@ -116,7 +116,7 @@ pub fn find_by_path_arg(dir: &Path) -> Vec<ProcessRef> {
         .collect()
 }
 
-/// [`wait_gone`] for code that runs before the async runtime does.
+/// [`wait_gone`] for synchronous code (recovery at start-up).
 pub fn wait_gone_blocking(p: &ProcessRef, within: Duration) -> bool {
     let deadline = std::time::Instant::now() + within;
     while alive(p) {

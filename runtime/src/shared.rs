@@ -137,7 +137,7 @@ impl SharedDir {
         let _one = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
         let root = self.mounts_fd()?;
         let layers = beneath::mkdirs(&root, Path::new("layers"), PRIVATE_DIR)?;
-        if !mounts::is_mount_point(&layers, OsStr::new(chain_hex)).unwrap_or(false) {
+        if !mounted(&layers, chain_hex)? {
             let target = beneath::mkdirs(&layers, Path::new(chain_hex), PRIVATE_DIR)?;
             mounts::bind(
                 src,
@@ -162,14 +162,18 @@ impl SharedDir {
     ) -> io::Result<String> {
         check_name("container ID", id)?;
         let rel = Path::new("containers").join(id).join(index.to_string());
+        let source = mounts::open_source(src)?;
+        let is_dir = rustix::fs::fstat(&source)
+            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
+            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
         let root = self.mounts_fd()?;
-        let target = if src.is_dir() {
+        let target = if is_dir {
             beneath::mkdirs(&root, &rel, PRIVATE_DIR)?
         } else {
             beneath::mkfile(&root, &rel, PRIVATE_DIR)?
         };
-        mounts::bind(
-            src,
+        mounts::bind_fd(
+            source.as_fd(),
             &target,
             mounts::BindOptions {
                 readonly,
@@ -258,6 +262,7 @@ mod tests {
         let sandbox = dir.path().join("sandbox");
         std::fs::create_dir(&sandbox).unwrap();
         let share = SharedDir::new(&sandbox);
+        crate::pod_files::write(&share.etc_dir(), "pod", None).unwrap();
         share.prepare().unwrap();
         Fixture {
             _dir: dir,
@@ -311,7 +316,8 @@ mod tests {
                 "a ro volume",
                 std::fs::write(guest("containers/c1/1/w2"), "x"),
             ),
-            ("etc", std::fs::write(guest("etc"), "x")),
+            ("etc/", std::fs::write(guest("etc/evil"), "x")),
+            ("etc/hosts", std::fs::write(guest("etc/hosts"), "x")),
         ] {
             assert!(r.is_err(), "the guest could write in {what}");
         }
@@ -321,10 +327,20 @@ mod tests {
             std::fs::read_to_string(guest("containers/c1/2")).unwrap(),
             "127.0.0.1 localhost\n"
         );
+        assert!(std::fs::read_to_string(guest("etc/hosts"))
+            .unwrap()
+            .contains("127.0.1.1\tpod"));
         // Every mount in the pod is nosuid, nodev and noexec.
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let sandbox = f.share.sandbox_dir.display().to_string();
-        let ours: Vec<&str> = info.lines().filter(|l| l.contains(&sandbox)).collect();
+        let ours: Vec<&str> = info
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| Path::new(m).starts_with(&sandbox))
+            })
+            .collect();
         assert_eq!(ours.len(), 2 + 2 * 4, "{ours:#?}");
         for l in &ours {
             let opts = l.split(' ').nth(5).unwrap();
@@ -365,7 +381,10 @@ mod tests {
         assert!(mounted(&f.share.path().join("layers/ab")));
         f.share.release_all().unwrap();
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!info.contains(&f.share.sandbox_dir.display().to_string()));
+        assert!(!info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|m| Path::new(m).starts_with(&f.share.sandbox_dir)));
         assert!(f.volume.join("v").exists());
         // Nothing left to release.
         f.share.release_all().unwrap();

@@ -157,6 +157,15 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let dir = root.join("sandboxes");
         private_dirs(&dir).map_err(io_err(&dir))?;
+        // A private mount of its own: pods' binds stay in this namespace.
+        std::fs::File::open(root)
+            .and_then(|parent| {
+                crate::hostfs::mounts::private_root(
+                    std::os::fd::AsFd::as_fd(&parent),
+                    std::ffi::OsStr::new("sandboxes"),
+                )
+            })
+            .map_err(io_err(&dir))?;
         Ok(Store { dir })
     }
 
@@ -244,9 +253,79 @@ mod tests {
         }
     }
 
+    /// A store root whose `sandboxes` mount is undone when dropped.
+    struct Root(tempfile::TempDir);
+
+    impl Root {
+        fn new() -> Root {
+            Root(tempfile::tempdir().unwrap())
+        }
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for Root {
+        fn drop(&mut self) {
+            if let Ok(d) = std::fs::File::open(self.0.path()) {
+                let _ = crate::hostfs::mounts::unmount_at(&d, std::ffi::OsStr::new("sandboxes"));
+            }
+        }
+    }
+
+    #[test]
+    fn sandboxes_is_a_private_mount_and_opening_again_keeps_one() {
+        let root = Root::new();
+        Store::open(root.path()).unwrap();
+        Store::open(root.path()).unwrap();
+        let sandboxes = root.path().join("sandboxes");
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ours: Vec<&str> = info
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(sandboxes.to_str().unwrap()))
+            .collect();
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        // Optional fields (shared:N, master:N) would name a peer group.
+        let optional: Vec<&str> = ours[0]
+            .split(' ')
+            .skip(6)
+            .take_while(|f| *f != "-")
+            .collect();
+        assert!(optional.is_empty(), "not private: {}", ours[0]);
+        let mode = std::fs::metadata(&sandboxes).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn concurrent_saves_of_one_record_never_tear_it() {
+        let root = Root::new();
+        let store = Store::open(root.path()).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let store = &store;
+                s.spawn(move || {
+                    let mut r = record("same");
+                    r.hostname = format!("h{i}");
+                    for _ in 0..20 {
+                        store.save(&r).unwrap();
+                    }
+                });
+            }
+        });
+        let all = store.load_all().unwrap();
+        assert_eq!(all.len(), 1);
+        // No temporary file is left beside the record.
+        let left: Vec<_> = std::fs::read_dir(store.sandbox_dir("same"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("sandbox.json")]);
+    }
+
     #[test]
     fn records_round_trip_and_remove() {
-        let root = tempfile::tempdir().unwrap();
+        let root = Root::new();
         let store = Store::open(root.path()).unwrap();
         store.save(&record("a")).unwrap();
         let mut b = record("b");
@@ -263,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_record_is_skipped() {
-        let root = tempfile::tempdir().unwrap();
+        let root = Root::new();
         let store = Store::open(root.path()).unwrap();
         store.save(&record("good")).unwrap();
         std::fs::create_dir_all(store.sandbox_dir("bad")).unwrap();

@@ -25,9 +25,11 @@ impl Splitter {
             data: piece.to_vec(),
             ..head.clone()
         };
-        if !data.is_empty() {
+        // An offset near u64::MAX is the guest's lie: the rest is dropped.
+        let next_offset = head.offset.checked_add(piece.len() as u64);
+        if let (false, Some(offset)) = (data.is_empty(), next_offset) {
             let next = pb::OutputChunk {
-                offset: head.offset + piece.len() as u64,
+                offset,
                 data: Vec::new(),
                 ..head
             };

@@ -74,6 +74,12 @@ fn setattr(fd: BorrowedFd<'_>, recursive: bool, attr: &MountAttr) -> io::Result<
 /// Sets the propagation of the mount at `fd` (the mount itself, not its
 /// children).
 pub fn set_propagation(fd: impl AsFd, p: Propagation) -> io::Result<()> {
+    set_propagation_tree(fd, p, false)
+}
+
+/// Sets the propagation of the mount at `fd`, and of every mount under it
+/// if `recursive`.
+fn set_propagation_tree(fd: impl AsFd, p: Propagation, recursive: bool) -> io::Result<()> {
     let propagation = match p {
         Propagation::Shared => libc::MS_SHARED,
         Propagation::Slave => libc::MS_SLAVE,
@@ -81,7 +87,7 @@ pub fn set_propagation(fd: impl AsFd, p: Propagation) -> io::Result<()> {
     };
     setattr(
         fd.as_fd(),
-        false,
+        recursive,
         &MountAttr {
             attr_set: 0,
             attr_clr: 0,
@@ -131,23 +137,73 @@ pub struct BindOptions {
 /// directory, with `nosuid,nodev,noexec` (and `ro` if asked) set before
 /// it is attached. Returns the new mount's ID.
 pub fn bind(src: &Path, target: impl AsFd, opts: BindOptions) -> io::Result<u64> {
-    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let src = rustix::fs::open(
+        src,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io::Error::new(err(e).kind(), format!("{}: {}", src.display(), err(e))))?;
+    bind_fd(src.as_fd(), target, opts)
+}
+
+/// Opens `path` (absolute) as an `O_PATH` fd without following any
+/// symlink on the way: a volume's path may run through a directory
+/// another pod's guest can write, and a link planted there must not
+/// choose what the host binds.
+pub fn open_source(path: &Path) -> io::Result<OwnedFd> {
+    let rel = path.strip_prefix("/").map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not an absolute path", path.display()),
+        )
+    })?;
+    let root = rustix::fs::open(
+        "/",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(err)?;
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    rustix::fs::openat2(
+        &root,
+        rel,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        let why = if e == rustix::io::Errno::LOOP {
+            "a symlink on its path (give the resolved path)".to_string()
+        } else {
+            err(e).to_string()
+        };
+        io::Error::new(err(e).kind(), format!("{}: {why}", path.display()))
+    })
+}
+
+/// [`bind`] from a source already opened (see [`open_source`]).
+pub fn bind_fd(src: BorrowedFd<'_>, target: impl AsFd, opts: BindOptions) -> io::Result<u64> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_EMPTY_PATH;
     if opts.recursive {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    let tree = rustix::mount::open_tree(rustix::fs::CWD, src, flags).map_err(|e| {
-        io::Error::new(
-            err(e).kind(),
-            format!("cloning mount of {}: {}", src.display(), err(e)),
-        )
-    })?;
+    let tree = rustix::mount::open_tree(src, "", flags)
+        .map_err(|e| io::Error::new(err(e).kind(), format!("cloning a mount: {}", err(e))))?;
     let mut set = LOCKED_DOWN;
     if opts.readonly {
         set |= MOUNT_ATTR_RDONLY;
     }
-    // The clone would otherwise join the source's peer group, and mounts
-    // made under the target would propagate back to the host's tree.
-    set_propagation(&tree, Propagation::Private)?;
+    // The clone and every submount it copied would otherwise stay in
+    // their sources' peer groups: mounts made under the target would
+    // propagate back to the host's tree, and host mounts made later
+    // under a volume would reach the guest with the host's flags.
+    set_propagation_tree(&tree, Propagation::Private, opts.recursive)?;
     setattr(
         tree.as_fd(),
         opts.recursive,
@@ -195,13 +251,52 @@ pub fn shared_root(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
             userns_fd: 0,
         },
     )?;
-    // A clone of a shared mount joins its peer group: leave it first,
-    // then start a group of our own.
+    // A clone of a shared mount joins its peer group, and so does a mount
+    // attached under a shared parent: leave both, then start a group of
+    // our own.
     set_propagation(&tree, Propagation::Private)?;
     // Attaching onto `dir` covers the directory the clone shows.
     attach(tree.try_clone()?, dir)?;
+    set_propagation(&tree, Propagation::Private)?;
     set_propagation(&tree, Propagation::Shared)?;
     Ok(tree)
+}
+
+/// Makes directory `dir` a mount of its own, private: mounts made below
+/// it never propagate to the host's other namespaces (systemd makes `/`
+/// shared, so without this every pod's binds would be copied into
+/// every service's mount namespace and could be added to from there).
+/// If `name` in `parent` is a mount root already (a restarted daemon),
+/// it is only made private again.
+pub fn private_root(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let dir = super::beneath::open_dir(parent, Path::new(name), false)?;
+    if is_mount_point(parent, name)? {
+        return set_propagation(&dir, Propagation::Private);
+    }
+    let dir = dir.as_fd();
+    let tree = rustix::mount::open_tree(
+        dir,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(err)?;
+    setattr(
+        tree.as_fd(),
+        false,
+        &MountAttr {
+            attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )?;
+    set_propagation(&tree, Propagation::Private)?;
+    attach(tree.try_clone()?, dir)?;
+    // Attached under a shared parent it joined that parent's peers'
+    // copies of it: leave them.
+    set_propagation(&tree, Propagation::Private)
 }
 
 /// Gives `target` (an fd of an empty directory) a read-only view of the
@@ -228,8 +323,13 @@ pub fn read_only_view(source: impl AsFd, target: impl AsFd) -> io::Result<u64> {
             userns_fd: 0,
         },
     )?;
+    // A slave before it is attached, and every mount in it: binds under
+    // `source` reach the view, nothing in the view ever reaches `source`.
+    set_propagation_tree(&tree, Propagation::Slave, true)?;
     let id = attach(tree.try_clone()?, target)?;
-    set_propagation(&tree, Propagation::Slave)?;
+    // Again once attached: under a shared parent it would have become
+    // shared with that parent's peers.
+    set_propagation_tree(&tree, Propagation::Slave, true)?;
     Ok(id)
 }
 
@@ -254,11 +354,14 @@ pub fn unmount_at(dir: impl AsFd, name: &OsStr) -> io::Result<usize> {
         .map_err(err)?;
         // The fd names the mount's root; its /proc link reaches exactly
         // that mount, whatever path strings mountinfo shows.
-        rustix::mount::unmount(
+        match rustix::mount::unmount(
             format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
             UnmountFlags::DETACH,
-        )
-        .map_err(err)?;
+        ) {
+            // Detached meanwhile by a concurrent release: look again.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return Err(err(e)),
+        }
     }
     Err(io::Error::other(format!(
         "more than 64 mounts stacked on {}",

@@ -11,6 +11,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// How many passes that removed nothing one removal tolerates.
+const MAX_RETRIES: u32 = 1000;
+
 fn err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
@@ -70,6 +73,8 @@ fn sweep(dir: &OwnedFd) -> io::Result<Next> {
         }
         match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            // Replaced by a directory since the listing.
+            Err(rustix::io::Errno::ISDIR) => return Ok(Next::Descend(name.to_owned())),
             // A file with a bind on it.
             Err(rustix::io::Errno::BUSY) => return Err(refuse_mount(name)),
             Err(e) => return Err(err(e)),
@@ -105,14 +110,31 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
     // way back up (a guest moving directories meanwhile is caught).
     let mut path: Vec<(CString, (u64, u64))> = Vec::new();
     let mut cur = top;
+    // Passes that removed nothing (an entry changing under us, a file
+    // system that lists what it will not delete) are retried a bounded
+    // number of times, never forever.
+    let mut retries = 0u32;
+    let mut retry = || {
+        retries += 1;
+        if retries > MAX_RETRIES {
+            return Err(io::Error::other(
+                "the tree keeps changing while it is removed; giving up",
+            ));
+        }
+        Ok(())
+    };
     loop {
         match sweep(&cur)? {
             Next::Descend(child) => {
                 let fd = match open_child(&cur, &child) {
                     Ok(fd) => fd,
-                    // Replaced by a non-directory since the listing.
-                    Err(rustix::io::Errno::NOTDIR) | Err(rustix::io::Errno::LOOP) => continue,
-                    Err(rustix::io::Errno::NOENT) => continue,
+                    // Replaced or removed since the listing.
+                    Err(rustix::io::Errno::NOTDIR)
+                    | Err(rustix::io::Errno::LOOP)
+                    | Err(rustix::io::Errno::NOENT) => {
+                        retry()?;
+                        continue;
+                    }
                     Err(e) => return Err(err(e)),
                 };
                 if super::mounts::mount_id(&fd)? != mount {
@@ -141,8 +163,9 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
                 }
                 drop(cur);
                 match rustix::fs::unlinkat(&up, name.as_c_str(), AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
                     // Refilled meanwhile: the next sweep of `up` finds it.
-                    Ok(()) | Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTEMPTY) => {}
+                    Err(rustix::io::Errno::NOTEMPTY) => retry()?,
                     Err(rustix::io::Errno::BUSY) => return Err(refuse_mount(&name)),
                     Err(e) => return Err(err(e)),
                 }
@@ -182,6 +205,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::path::PathBuf;
 
     /// Builds a chain of `depth` nested directories under `top` with
     /// fds, as a guest would (paths that long cannot be named at once).
@@ -207,16 +231,18 @@ mod tests {
         // Siblings at the top: a link to a host directory and a file.
         symlink(host.path(), top.join("hostdir")).unwrap();
         std::fs::write(top.join("f"), "x").unwrap();
-        let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
         remove_tree(&top).unwrap();
         assert!(!top.exists());
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host");
         assert!(host.path().is_dir());
-        assert_eq!(
-            std::fs::read_dir("/proc/self/fd").unwrap().count(),
-            fds_before,
-            "fds leaked"
-        );
+        // No fd of ours is left open on anything that was in the tree.
+        let leaked: Vec<PathBuf> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|p| p.starts_with(t.path()))
+            .collect();
+        assert!(leaked.is_empty(), "fds leaked: {leaked:?}");
     }
 
     #[test]
