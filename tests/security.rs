@@ -148,7 +148,7 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
     let second_image = format!("127.0.0.1:{}/second:v1", setup._registry.port);
     // Each level costs the emulated guest kernel about a second here; the
     // 20,000-deep removal is a unit test (runtime/src/hostfs/remove.rs).
-    let deep = vec!["d"; 8].join("/");
+    let deep = ["d"; 8].join("/");
 
     rt().block_on(async {
         let (mut rt, mut images) = clients(&setup.daemon).await;
