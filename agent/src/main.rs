@@ -172,6 +172,10 @@ async fn serve(listen: Listen, engine: Arc<engine::Engine>) -> Result<()> {
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
                 .with_context(|| format!("bind {}", path.display()))?;
+            // Only root may drive the agent, whatever the umask (the
+            // runtime keeps the socket's directory 0700 as well).
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("chmod {}", path.display()))?;
             eprintln!("vmcri-agent: serving on unix:{}", path.display());
             router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)

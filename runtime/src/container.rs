@@ -1012,9 +1012,8 @@ impl Containers {
         self.within_stats_deadline(sandbox_id, async {
             let (_, agent) = self.ready_sandbox(sandbox_id).await?;
             let total = agent.sandbox_stats().await?;
-            let mut each = agent.container_stats(own.clone()).await?;
-            each.retain(|id, _| own.contains(id));
-            Ok((total, each))
+            let each = agent.container_stats(own.clone()).await?;
+            Ok((total, only(each, &own)))
         })
         .await
     }
@@ -1028,9 +1027,8 @@ impl Containers {
     ) -> Result<HashMap<String, pb::CgroupStats>, ContainerError> {
         self.within_stats_deadline(sandbox_id, async {
             let (_, agent) = self.ready_sandbox(sandbox_id).await?;
-            let mut stats = agent.container_stats(ids.clone()).await?;
-            stats.retain(|id, _| ids.contains(id));
-            Ok(stats)
+            let stats = agent.container_stats(ids.clone()).await?;
+            Ok(only(stats, &ids))
         })
         .await
     }
@@ -1048,6 +1046,17 @@ impl Containers {
             )))
         })
     }
+}
+
+/// Keeps the stats of `ids` only: an agent's reply is the guest's word,
+/// and stats it gives for other pods' containers (or made-up ones) must
+/// not reach, or overwrite, anyone's figures.
+fn only(
+    mut stats: HashMap<String, pb::CgroupStats>,
+    ids: &[String],
+) -> HashMap<String, pb::CgroupStats> {
+    stats.retain(|id, _| ids.contains(id));
+    stats
 }
 
 /// Where a container's log copy stands, saved after every write so a
@@ -1203,6 +1212,23 @@ async fn copy_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stats_reply_keeps_only_the_pods_own_containers() {
+        let cpu = |n| pb::CgroupStats {
+            cpu_usage_ns: n,
+            ..Default::default()
+        };
+        let reply: HashMap<String, pb::CgroupStats> = [
+            ("mine".to_string(), cpu(1)),
+            ("other-pods".to_string(), cpu(999)),
+            ("made-up".to_string(), cpu(7)),
+        ]
+        .into();
+        let kept = only(reply, &["mine".to_string(), "absent".to_string()]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept["mine"].cpu_usage_ns, 1);
+    }
 
     #[test]
     fn log_paths_stay_in_the_pod_log_directory() {
