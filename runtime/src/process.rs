@@ -152,20 +152,20 @@ mod tests {
     #[tokio::test]
     async fn a_process_is_found_by_a_path_in_its_arguments() {
         let dir = tempfile::tempdir().unwrap();
-        // A stand-in named like our binaries, with a path argument.
+        // A stand-in named like our binaries, with a path argument; tail
+        // never forks (a forking shell's child would briefly carry the
+        // same arguments).
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "").unwrap();
         let bin = dir.path().join("vmcri-fake");
-        std::os::unix::fs::symlink("/bin/sh", &bin).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/tail", &bin).unwrap();
         let mut cmd = Command::new(&bin);
-        // `; true` keeps the shell itself running, with its arguments.
-        cmd.args(["-c", "sleep 30; true"])
-            .arg(dir.path().join("console.log"));
+        cmd.arg("-f").arg(&log);
         let p = spawn_detached(cmd, &dir.path().join("log"), || Ok(())).unwrap();
         assert_eq!(find_by_path_arg(dir.path()), vec![p]);
         // Another program with the same argument is not ours to end.
-        let mut other_cmd = Command::new("sh");
-        other_cmd
-            .args(["-c", "sleep 30; true"])
-            .arg(dir.path().join("console.log"));
+        let mut other_cmd = Command::new("tail");
+        other_cmd.arg("-f").arg(&log);
         let not_ours = spawn_detached(other_cmd, &dir.path().join("log"), || Ok(())).unwrap();
         assert_eq!(find_by_path_arg(dir.path()), vec![p]);
         kill(&not_ours);

@@ -187,34 +187,57 @@ pub fn open_source(path: &Path) -> io::Result<OwnedFd> {
 
 /// [`bind`] from a source already opened (see [`open_source`]).
 pub fn bind_fd(src: BorrowedFd<'_>, target: impl AsFd, opts: BindOptions) -> io::Result<u64> {
-    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
-        | OpenTreeFlags::OPEN_TREE_CLOEXEC
-        | OpenTreeFlags::AT_EMPTY_PATH;
-    if opts.recursive {
-        flags |= OpenTreeFlags::AT_RECURSIVE;
-    }
-    let tree = rustix::mount::open_tree(src, "", flags)
-        .map_err(|e| io::Error::new(err(e).kind(), format!("cloning a mount: {}", err(e))))?;
     let mut set = LOCKED_DOWN;
     if opts.readonly {
         set |= MOUNT_ATTR_RDONLY;
     }
+    let depth = if opts.recursive {
+        Depth::Tree
+    } else {
+        Depth::Top
+    };
+    let tree = detached_clone(src, depth, set)?;
     // The clone and every submount it copied would otherwise stay in
     // their sources' peer groups: mounts made under the target would
     // propagate back to the host's tree, and host mounts made later
     // under a volume would reach the guest with the host's flags.
     set_propagation_tree(&tree, Propagation::Private, opts.recursive)?;
+    attach(tree, target)
+}
+
+/// How much of a mount tree [`detached_clone`] takes and flags.
+#[derive(Clone, Copy, PartialEq)]
+enum Depth {
+    /// The top mount only.
+    Top,
+    /// The top and its submounts, all cloned; `attrs` on the top only.
+    TreeFlagTop,
+    /// The top and its submounts, all cloned and flagged.
+    Tree,
+}
+
+/// A detached clone of the mount at `src`, with mount attributes `attrs`
+/// set before anyone can see it.
+fn detached_clone(src: BorrowedFd<'_>, depth: Depth, attrs: u64) -> io::Result<OwnedFd> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_EMPTY_PATH;
+    if depth != Depth::Top {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let tree = rustix::mount::open_tree(src, "", flags)
+        .map_err(|e| io::Error::new(err(e).kind(), format!("cloning a mount: {}", err(e))))?;
     setattr(
         tree.as_fd(),
-        opts.recursive,
+        depth == Depth::Tree,
         &MountAttr {
-            attr_set: set,
+            attr_set: attrs,
             attr_clr: 0,
             propagation: 0,
             userns_fd: 0,
         },
     )?;
-    attach(tree, target)
+    Ok(tree)
 }
 
 fn attach(tree: OwnedFd, target: impl AsFd) -> io::Result<u64> {
@@ -233,24 +256,7 @@ fn attach(tree: OwnedFd, target: impl AsFd) -> io::Result<u64> {
 /// `nosuid,nodev,noexec`: binds made under it then propagate to its
 /// slaves (see [`read_only_view`]). Returns the mount, as an fd.
 pub fn shared_root(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let tree = rustix::mount::open_tree(
-        dir,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(err)?;
-    setattr(
-        tree.as_fd(),
-        false,
-        &MountAttr {
-            attr_set: LOCKED_DOWN,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        },
-    )?;
+    let tree = detached_clone(dir, Depth::Top, LOCKED_DOWN)?;
     // A clone of a shared mount joins its peer group, and so does a mount
     // attached under a shared parent: leave both, then start a group of
     // our own.
@@ -274,24 +280,7 @@ pub fn private_root(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         return set_propagation(&dir, Propagation::Private);
     }
     let dir = dir.as_fd();
-    let tree = rustix::mount::open_tree(
-        dir,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(err)?;
-    setattr(
-        tree.as_fd(),
-        false,
-        &MountAttr {
-            attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        },
-    )?;
+    let tree = detached_clone(dir, Depth::Top, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)?;
     set_propagation(&tree, Propagation::Private)?;
     attach(tree.try_clone()?, dir)?;
     // Attached under a shared parent it joined that parent's peers'
@@ -304,24 +293,10 @@ pub fn private_root(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 /// `ro,nosuid,nodev,noexec` and that receives, as a slave, every bind
 /// later made under `source`, each with the flags it was made with.
 pub fn read_only_view(source: impl AsFd, target: impl AsFd) -> io::Result<u64> {
-    let tree = rustix::mount::open_tree(
-        source,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH
-            | OpenTreeFlags::AT_RECURSIVE,
-    )
-    .map_err(err)?;
-    setattr(
-        tree.as_fd(),
-        false,
-        &MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY | LOCKED_DOWN,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        },
+    let tree = detached_clone(
+        source.as_fd(),
+        Depth::TreeFlagTop,
+        MOUNT_ATTR_RDONLY | LOCKED_DOWN,
     )?;
     // A slave before it is attached, and every mount in it: binds under
     // `source` reach the view, nothing in the view ever reaches `source`.

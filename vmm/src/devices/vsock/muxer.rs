@@ -830,6 +830,23 @@ mod tests {
             self.dir.path().join("vsock.sock")
         }
 
+        /// Opens a stream from guest port `from` to a host listener on
+        /// port `to` (bound here), with `rx` buffers posted and
+        /// `buf_alloc` advertised; returns the host's end once the guest
+        /// has its RESPONSE.
+        fn open_to_host(&mut self, from: u32, to: u32, rx: u16, buf_alloc: u32) -> UnixStream {
+            let mut path = self.uds().into_os_string();
+            path.push(format!("_{to}"));
+            let host = UnixListener::bind(&path).unwrap();
+            self.post_rx(rx);
+            let mut req = hdr(op::REQUEST, from, to, 0);
+            req.buf_alloc = buf_alloc;
+            self.send(req, &[]);
+            self.pump();
+            assert_eq!(ops(&self.received()), vec![op::RESPONSE]);
+            host.accept().unwrap().0
+        }
+
         /// Posts `n` rx buffers.
         fn post_rx(&mut self, n: u16) {
             for _ in 0..n {
@@ -962,14 +979,7 @@ mod tests {
     #[test]
     fn guest_initiated_stream_carries_data_both_ways_and_closes() {
         let mut g = Guest::new();
-        let mut path = g.uds().into_os_string();
-        path.push("_52");
-        let host = UnixListener::bind(&path).unwrap();
-        g.post_rx(8);
-        g.send(hdr(op::REQUEST, 6000, 52, 0), &[]);
-        g.pump();
-        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
-        let (mut peer, _) = host.accept().unwrap();
+        let mut peer = g.open_to_host(6000, 52, 8, 64 * 1024);
 
         g.send(hdr(op::RW, 6000, 52, 5), b"hello");
         let mut buf = [0u8; 5];
@@ -1061,14 +1071,7 @@ mod tests {
     #[test]
     fn guest_that_overruns_its_credit_is_reset() {
         let mut g = Guest::new();
-        let mut path = g.uds().into_os_string();
-        path.push("_53");
-        let host = UnixListener::bind(&path).unwrap();
-        g.post_rx(8);
-        g.send(hdr(op::REQUEST, 6001, 53, 0), &[]);
-        g.pump();
-        g.received();
-        let (_peer, _) = host.accept().unwrap();
+        let _peer = g.open_to_host(6001, 53, 8, 64 * 1024);
         // The host never reads; its socket buffer fills, then ours.
         let chunk = vec![7u8; MAX_PAYLOAD as usize];
         let mut sent = 0usize;
@@ -1247,16 +1250,7 @@ mod tests {
     #[test]
     fn host_hangup_while_guest_gives_no_credit_does_not_spin() {
         let mut g = Guest::new();
-        let mut path = g.uds().into_os_string();
-        path.push("_54");
-        let host = UnixListener::bind(&path).unwrap();
-        g.post_rx(8);
-        let mut req = hdr(op::REQUEST, 6002, 54, 0);
-        req.buf_alloc = 0;
-        g.send(req, &[]);
-        g.pump();
-        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
-        let (mut peer, _) = host.accept().unwrap();
+        let mut peer = g.open_to_host(6002, 54, 8, 0);
         peer.write_all(b"bye").unwrap();
         drop(peer);
         let wakeups = g.wakeups_over(Duration::from_millis(200));
@@ -1384,14 +1378,7 @@ mod tests {
             close,
             ..Timeouts::default()
         });
-        let mut path = g.uds().into_os_string();
-        path.push("_56");
-        let host = UnixListener::bind(&path).unwrap();
-        g.post_rx(8);
-        g.send(hdr(op::REQUEST, 6004, 56, 0), &[]);
-        g.pump();
-        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
-        drop(host.accept().unwrap());
+        drop(g.open_to_host(6004, 56, 8, 64 * 1024));
         // pump() waits 3 x 50 ms: the guest gets our SHUTDOWN, does not
         // answer, and is reset once `close` has passed.
         g.pump();
@@ -1403,14 +1390,7 @@ mod tests {
     #[test]
     fn reset_closes_the_host_socket_without_waiting_for_rx_buffers() {
         let mut g = Guest::new();
-        let mut path = g.uds().into_os_string();
-        path.push("_55");
-        let host = UnixListener::bind(&path).unwrap();
-        g.post_rx(1);
-        g.send(hdr(op::REQUEST, 6003, 55, 0), &[]);
-        g.pump();
-        assert_eq!(ops(&g.received()), vec![op::RESPONSE]);
-        let (mut peer, _) = host.accept().unwrap();
+        let mut peer = g.open_to_host(6003, 55, 1, 64 * 1024);
         // An op no guest may send resets the connection; there is no rx
         // buffer for the RST.
         g.send(hdr(99, 6003, 55, 0), &[]);
