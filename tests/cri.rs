@@ -530,3 +530,104 @@ fn daemon_kill_9_and_restart_recovers_every_pod() {
         }
     });
 }
+
+/// kubelet's hostNetwork pod, with the namespace options of
+/// `../shared/kubelet-requests/RunPodSandbox-hostnetwork.json`: the
+/// process backend runs it on the node's network and its status echoes
+/// what was asked, the same each time and with no network field (no IP);
+/// a microVM handler refuses it up front with InvalidArgument.
+#[test]
+fn host_network_pods_run_in_the_process_backend_and_are_refused_in_a_microvm() {
+    let scratch = Scratch::new("cri-hostnet").unwrap();
+    let daemon = start_daemon(&scratch.0);
+    let hostnet = |name: &str, handler: &str| {
+        let mut r = pod(name, 0, &[]);
+        r.runtime_handler = handler.into();
+        if let Some(c) = r.config.as_mut() {
+            c.linux = Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        r
+    };
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
+        let id = rt
+            .run_pod_sandbox(hostnet("hostnet", ""))
+            .await
+            .expect("a hostNetwork pod in the process backend")
+            .into_inner()
+            .pod_sandbox_id;
+        let first = status(&mut rt, &id).await.unwrap();
+        let st = first.status.clone().unwrap();
+        assert_eq!(st.network, None, "no IP: no network field");
+        let o = st.linux.unwrap().namespaces.unwrap().options.unwrap();
+        assert_eq!(
+            (o.network, o.pid, o.ipc),
+            (
+                cri::NamespaceMode::Node as i32,
+                cri::NamespaceMode::Container as i32,
+                cri::NamespaceMode::Pod as i32
+            )
+        );
+        assert_eq!(
+            status(&mut rt, &id).await.unwrap().status,
+            first.status,
+            "PodSandboxStatus changed between two calls"
+        );
+        // The agent is in the node's network namespace, not a new one.
+        let pid = verbose_pid(&first).expect("the agent's PID");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+            std::fs::read_link("/proc/self/ns/net").unwrap()
+        );
+        // An ordinary pod gets a network namespace of its own.
+        let own = rt
+            .run_pod_sandbox(pod("own-net", 0, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let s = status(&mut rt, &own).await.unwrap();
+        let own_pid = verbose_pid(&s).unwrap();
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{own_pid}/ns/net")).unwrap(),
+            std::fs::read_link("/proc/self/ns/net").unwrap()
+        );
+
+        let e = rt
+            .run_pod_sandbox(hostnet("hostnet-vm", "vmcri"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("hostNetwork"), "{}", e.message());
+        let pods = list(&mut rt, cri::PodSandboxFilter::default()).await;
+        assert_eq!(pods.len(), 2, "the refused pod left a record: {pods:?}");
+
+        // The default handler also answers to the empty name.
+        let names: Vec<String> = rt
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .runtime_handlers
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
+        assert!(names.contains(&String::new()), "{names:?}");
+
+        for id in [id, own] {
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+                .await
+                .unwrap();
+        }
+    });
+}

@@ -6,6 +6,7 @@
 use crate::config::{Backend, Config, Handler};
 use crate::process;
 use crate::store::{ProcessRef, SandboxRecord};
+use k8s_cri::v1 as cri;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -208,11 +209,15 @@ impl Backends {
                     .arg("--state")
                     .arg(rec.dir.join("agent"));
                 let hostname = rec.hostname.clone().into_bytes();
-                let p = process::spawn_detached(cmd, &log, move || enter_namespaces(&hostname))
-                    .map_err(|source| BackendError::Spawn {
-                        what: agent.display().to_string(),
-                        source,
-                    })?;
+                // hostNetwork pods (DaemonSets) keep the node's network.
+                let host_network = rec.namespaces.network == cri::NamespaceMode::Node as i32;
+                let p = process::spawn_detached(cmd, &log, move || {
+                    enter_namespaces(&hostname, host_network)
+                })
+                .map_err(|source| BackendError::Spawn {
+                    what: agent.display().to_string(),
+                    source,
+                })?;
                 (
                     "agent",
                     p,
@@ -305,15 +310,15 @@ pub fn remove_host_cgroups(sandbox_id: &str) {
 }
 
 /// Runs in the agent's child before exec: new mount, IPC, UTS, network
-/// and PID namespaces (the agent's children land in the new PID
+/// (unless the pod uses the node's) and PID namespaces (the agent's children land in the new PID
 /// namespace), mounts made private, the pod's hostname set. Only
 /// async-signal-safe syscalls.
-fn enter_namespaces(hostname: &[u8]) -> std::io::Result<()> {
-    let flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWPID;
+fn enter_namespaces(hostname: &[u8], host_network: bool) -> std::io::Result<()> {
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
+    if !host_network {
+        flags |= libc::CLONE_NEWNET;
+    }
     // SAFETY: unshare/mount/sethostname with valid arguments.
     unsafe {
         if libc::unshare(flags) != 0 {

@@ -8,7 +8,7 @@ use crate::container::{
 };
 use crate::images::{ImageError, ImageRecord, Images};
 use crate::sandbox::{EventKind, RunRequest, SandboxError, SandboxEvent, Sandboxes};
-use crate::store::{PodMeta, SandboxRecord, SandboxState};
+use crate::store::{NamespaceModes, PodMeta, SandboxRecord, SandboxState};
 use futures_util::future::join_all;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
@@ -310,9 +310,20 @@ fn sandbox_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(metadata(rec)),
         state: state_of(rec),
         created_at: rec.created_at_ns,
-        // Pod networking has not landed: the pod has no IP yet.
-        network: Some(cri::PodSandboxNetworkStatus::default()),
-        linux: None,
+        // Pod networking has not landed: no IP, so no field (kubelet reads
+        // an empty one as a lost IP and recreates the sandbox).
+        network: None,
+        // What RunPodSandbox asked for: kubelet compares it.
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: rec.namespaces.network,
+                    pid: rec.namespaces.pid,
+                    ipc: rec.namespaces.ipc,
+                    ..Default::default()
+                }),
+            }),
+        }),
         labels: to_hash(&rec.labels),
         annotations: to_hash(&rec.annotations),
         runtime_handler: rec.handler.clone(),
@@ -402,6 +413,16 @@ fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, Status> {
         hostname: config.hostname,
         log_directory: config.log_directory,
         dns: config.dns_config,
+        namespaces: config
+            .linux
+            .and_then(|l| l.security_context)
+            .and_then(|s| s.namespace_options)
+            .map(|o| NamespaceModes {
+                network: o.network,
+                pid: o.pid,
+                ipc: o.ipc,
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -957,12 +978,12 @@ impl RuntimeService for Cri {
             });
             info.insert("config".into(), v.to_string());
         }
-        let runtime_handlers = self
-            .config
-            .handlers
-            .keys()
+        // The default handler also answers to the empty name, as kubelet
+        // asks for it when a pod has no RuntimeClass.
+        let runtime_handlers = std::iter::once(String::new())
+            .chain(self.config.handlers.keys().cloned())
             .map(|name| cri::RuntimeHandler {
-                name: name.clone(),
+                name,
                 features: Some(cri::RuntimeHandlerFeatures::default()),
             })
             .collect();
@@ -1219,6 +1240,51 @@ mod tests {
             }),
             runtime_handler: String::new(),
         }
+    }
+
+    #[test]
+    fn the_status_echoes_the_namespace_options_and_has_no_network_field() {
+        let mut r = req("p", "");
+        r.config.as_mut().unwrap().linux = Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let run = run_request(r).unwrap();
+        assert_eq!(
+            run.namespaces,
+            NamespaceModes {
+                network: 2,
+                pid: 1,
+                ipc: 0
+            }
+        );
+        let mut rec = crate::store::tests::record("s1");
+        rec.namespaces = run.namespaces;
+        let status = sandbox_status(&rec);
+        // No IP yet: no network field at all, which kubelet tells from a
+        // lost IP.
+        assert_eq!(status.network, None);
+        let options = status
+            .linux
+            .as_ref()
+            .and_then(|l| l.namespaces.as_ref())
+            .and_then(|n| n.options.as_ref())
+            .unwrap();
+        assert_eq!((options.network, options.pid, options.ipc), (2, 1, 0));
+        // The same answer every time.
+        assert_eq!(status, sandbox_status(&rec));
+        // Without options, the defaults (all POD) are what is echoed.
+        assert_eq!(
+            run_request(req("p", "")).unwrap().namespaces,
+            NamespaceModes::default()
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The pod sandbox manager: CRI semantics over the store and backends.
 
 use crate::backend::{BackendError, Backends};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::process;
-use crate::store::{PodMeta, ProcessRef, SandboxRecord, SandboxState, Store, StoreError};
+use crate::store::{
+    NamespaceModes, PodMeta, ProcessRef, SandboxRecord, SandboxState, Store, StoreError,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -81,6 +83,8 @@ pub struct RunRequest {
     pub log_directory: String,
     /// DNS for the pod's resolv.conf (the host's when absent).
     pub dns: Option<k8s_cri::v1::DnsConfig>,
+    /// Pod-level namespace modes.
+    pub namespaces: NamespaceModes,
 }
 
 struct Entry {
@@ -235,6 +239,7 @@ impl Sandboxes {
                     self.handler_names()
                 ))
             })?;
+        check_namespaces(&req.namespaces, handler.backend)?;
         let id = new_id();
         let dir = self.store.sandbox_dir(&id);
         let socket_dir = self.config.root.join("run").join(&id[..16]);
@@ -253,6 +258,7 @@ impl Sandboxes {
             dir: dir.clone(),
             log_directory: req.log_directory,
             hostname: req.hostname,
+            namespaces: req.namespaces,
         };
         let entry = Arc::new(Entry {
             op: tokio::sync::Mutex::new(()),
@@ -420,9 +426,57 @@ impl Sandboxes {
     }
 }
 
+/// CRI's `NamespaceMode::NODE`: the host's namespace.
+const NODE: i32 = 2;
+
+/// Refuses, before anything starts, the pod-level namespaces a backend
+/// cannot give: a microVM pod has the VM's network, PIDs and IPC, never
+/// the node's; the process backend can share the node's network (for
+/// DaemonSets such as kube-proxy and CNI agents) but not its PIDs or IPC.
+fn check_namespaces(ns: &NamespaceModes, backend: Backend) -> Result<(), SandboxError> {
+    let refuse = |what: &str, why: &str| {
+        Err(SandboxError::Invalid(format!(
+            "RunPodSandbox: {what} is not available {why}"
+        )))
+    };
+    match backend {
+        Backend::Microvm if ns.network == NODE => refuse(
+            "host networking (hostNetwork)",
+            "in a microVM pod, whose network is the VM's; run it with a process handler",
+        ),
+        _ if ns.pid == NODE => refuse("the host's PID namespace (hostPID)", "in vmcri"),
+        _ if ns.ipc == NODE => refuse("the host's IPC namespace (hostIPC)", "in vmcri"),
+        _ => Ok(()),
+    }
+}
+
 fn what(rec: &SandboxRecord) -> &'static str {
     match rec.backend {
         crate::config::Backend::Microvm => "VMM",
         crate::config::Backend::Process => "agent",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_namespaces_are_refused_where_the_backend_cannot_give_them() {
+        let ns = |network, pid, ipc| NamespaceModes { network, pid, ipc };
+        let refused = |n: NamespaceModes, b: Backend| {
+            matches!(check_namespaces(&n, b), Err(SandboxError::Invalid(_)))
+        };
+        // hostNetwork: the process backend shares the node's network; a
+        // microVM pod never can.
+        assert!(refused(ns(NODE, 1, 0), Backend::Microvm));
+        assert!(check_namespaces(&ns(NODE, 1, 0), Backend::Process).is_ok());
+        // hostPID and hostIPC: nowhere.
+        for b in [Backend::Microvm, Backend::Process] {
+            assert!(refused(ns(0, NODE, 0), b));
+            assert!(refused(ns(0, 0, NODE), b));
+            // What kubelet sends for an ordinary pod.
+            assert!(check_namespaces(&ns(0, 1, 0), b).is_ok());
+        }
     }
 }

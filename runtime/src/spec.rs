@@ -608,10 +608,14 @@ fn resources(r: Option<&cri::LinuxContainerResources>) -> Result<Value, SpecErro
             memory.insert("swap".into(), json!(r.memory_swap_limit_in_bytes));
         }
     }
-    if !r.hugepage_limits.is_empty() {
-        return Err(SpecError::Unsupported(
-            "hugepage limits are not supported yet".into(),
-        ));
+    // kubelet sends a limit for every page size the node has, 0 when the
+    // pod asks for none: a 0 limit (no huge pages) is what every
+    // container already has.
+    if let Some(h) = r.hugepage_limits.iter().find(|h| h.limit != 0) {
+        return Err(SpecError::Unsupported(format!(
+            "hugepage limits are not supported yet ({} pages: {} bytes asked)",
+            h.page_size, h.limit
+        )));
     }
     let mut out = json!({"cpu": cpu, "memory": memory});
     if !r.unified.is_empty() {
@@ -996,6 +1000,29 @@ mod tests {
         c.mounts[0].container_path = "/data".into();
         c.mounts[0].host_path = "/no/such/dir".into();
         assert!(build("c", &c, &img, &layers, &pod()).is_err());
+    }
+
+    #[test]
+    fn zero_hugepage_limits_are_accepted_and_others_refused() {
+        let with = |limit| cri::LinuxContainerResources {
+            hugepage_limits: vec![
+                cri::HugepageLimit {
+                    page_size: "2MB".into(),
+                    limit: 0,
+                },
+                cri::HugepageLimit {
+                    page_size: "1GB".into(),
+                    limit,
+                },
+            ],
+            ..Default::default()
+        };
+        // What kubelet sends on every container.
+        assert!(resources(Some(&with(0))).is_ok());
+        assert!(matches!(
+            resources(Some(&with(1 << 30))),
+            Err(SpecError::Unsupported(m)) if m.contains("1GB")
+        ));
     }
 
     #[test]

@@ -43,6 +43,20 @@ pub struct ProcessRef {
     pub start_ticks: u64,
 }
 
+/// The pod-level namespace modes RunPodSandbox asked for, as CRI's
+/// `NamespaceMode` values (0 POD, 1 CONTAINER, 2 NODE, 3 TARGET), kept to
+/// echo them in PodSandboxStatus: kubelet recreates a sandbox whose
+/// status says otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceModes {
+    /// Network namespace mode.
+    pub network: i32,
+    /// PID namespace mode.
+    pub pid: i32,
+    /// IPC namespace mode.
+    pub ipc: i32,
+}
+
 /// Everything the daemon knows about a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -74,6 +88,10 @@ pub struct SandboxRecord {
     pub log_directory: String,
     /// Hostname.
     pub hostname: String,
+    /// Pod-level namespace modes (records from before they were kept
+    /// read as all-POD, the default).
+    #[serde(default)]
+    pub namespaces: NamespaceModes,
 }
 
 /// Errors of the store.
@@ -223,7 +241,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn record(id: &str) -> SandboxRecord {
@@ -250,6 +268,7 @@ mod tests {
             dir: "/d".into(),
             log_directory: String::new(),
             hostname: "h".into(),
+            namespaces: NamespaceModes::default(),
         }
     }
 
