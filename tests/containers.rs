@@ -672,3 +672,70 @@ fn microvm_container_runs_from_its_image_and_sees_its_volumes() {
             > 0
     );
 }
+
+/// What kubelet sends on every container (`hugepage_limits` of 0 for
+/// each page size; see `../shared/kubelet-requests/`) and on Guaranteed
+/// QoS ones (`oom_score_adj` -997, which this host cannot set: it lacks
+/// CAP_SYS_RESOURCE) runs in the process backend; the score is raised to
+/// the daemon's own. ExecSync of `[""]` is InvalidArgument.
+#[test]
+fn kubelets_guaranteed_qos_containers_run_in_the_process_backend() {
+    let s = Scratch::new("containers-qos").unwrap();
+    let setup = setup(&s);
+    let logs = setup.dir.join("pod-logs");
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&setup.daemon).await;
+        pull(&mut images, &setup.image).await;
+        let pod = run_pod(&mut rt, "qos", &logs).await;
+        let mut c = container(
+            "qos",
+            &setup.image,
+            &["sh", "-c", "echo started; exec sleep 3600"],
+        );
+        c.linux = Some(cri::LinuxContainerConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                cpu_shares: 512,
+                memory_limit_in_bytes: 128 << 20,
+                oom_score_adj: -997,
+                hugepage_limits: vec![
+                    cri::HugepageLimit {
+                        page_size: "2MB".into(),
+                        limit: 0,
+                    },
+                    cri::HugepageLimit {
+                        page_size: "1GB".into(),
+                        limit: 0,
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = create(&mut rt, &pod, c, &logs)
+            .await
+            .expect("CreateContainer as kubelet sends it");
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer with oom_score_adj -997");
+        wait_for_log(&logs.join("qos/0.log"), "started").await;
+        let own = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap();
+        let r = exec(&mut rt, &id, &["cat", "/proc/self/oom_score_adj"], 60)
+            .await
+            .expect("ExecSync");
+        let got = String::from_utf8_lossy(&r.stdout).trim().to_string();
+        // Raised to the daemon's own (the test's, which it inherits) where
+        // it could not be lowered; -997 where the host allows it.
+        assert!(got == own.trim() || got == "-997", "oom_score_adj {got}");
+        let e = exec(&mut rt, &id, &[""], 60).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    });
+}

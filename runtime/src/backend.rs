@@ -3,7 +3,7 @@
 //! starts the same agent on the host in fresh namespaces. Above this
 //! module the CRI logic is the same for both.
 
-use crate::config::{Backend, Config, Handler};
+use crate::config::{Backend, Config, Handler, Switch};
 use crate::process;
 use crate::store::{ProcessRef, SandboxRecord};
 use k8s_cri::v1 as cri;
@@ -288,6 +288,36 @@ impl Backends {
     }
 }
 
+/// CAP_SYS_RESOURCE's bit in the capability sets of /proc/PID/status.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The lowest oom_score_adj the process backend's containers may ask for:
+/// the daemon's own when restricting (`on`, or `auto` without
+/// CAP_SYS_RESOURCE, which lowering it needs), else none.
+pub fn oom_score_adj_floor(setting: Switch) -> Option<i32> {
+    let restrict = match setting {
+        Switch::On => true,
+        Switch::Off => false,
+        Switch::Auto => !has_capability(CAP_SYS_RESOURCE),
+    };
+    if !restrict {
+        return None;
+    }
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Whether this process has capability `bit` in its effective set.
+fn has_capability(bit: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
 /// Removes the (empty, once its processes are gone) cgroups the process
 /// backend's containers had on the host: `<hierarchy>/vmcri/<sandbox>/*`.
 /// In a microVM they live and die in the guest.
@@ -341,4 +371,26 @@ fn enter_namespaces(hostname: &[u8], host_network: bool) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oom_floor_follows_the_switch() {
+        assert_eq!(oom_score_adj_floor(Switch::Off), None);
+        let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(oom_score_adj_floor(Switch::On), Some(own));
+        // This machine lacks CAP_SYS_RESOURCE (../shared/HOST-KVM.md);
+        // a machine that has it needs no floor.
+        let expected = (!has_capability(CAP_SYS_RESOURCE)).then_some(own);
+        assert_eq!(oom_score_adj_floor(Switch::Auto), expected);
+        // CAP_CHOWN (bit 0): root here has it.
+        assert!(has_capability(0));
+    }
 }

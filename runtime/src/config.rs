@@ -41,6 +41,12 @@ boot_timeout_secs = 300
 # vmcri-agent binary; empty = next to the vmcri binary, else $PATH.
 agent = ""
 boot_timeout_secs = 30
+# Raise a container's oom_score_adj to the daemon's own when it asks for
+# less (kubelet gives Guaranteed pods -997): a host without
+# CAP_SYS_RESOURCE cannot lower it, and the container would fail to
+# start. "auto" does so exactly when the daemon lacks the capability, as
+# containerd's restrict_oom_score_adj; or "on", "off".
+restrict_oom_score_adj = "auto"
 
 # Registries, in the spirit of containerd's hosts.toml. Registries on
 # loopback (localhost, 127.0.0.0/8, [::1]) are reached over plain HTTP with
@@ -153,6 +159,20 @@ pub struct ProcessConfig {
     pub agent: PathBuf,
     /// Start deadline.
     pub boot_timeout_secs: u64,
+    /// Whether containers' oom_score_adj is clamped to the daemon's.
+    pub restrict_oom_score_adj: Switch,
+}
+
+/// A setting that can also follow what the host allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// Decided from the host.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `[agent]`.

@@ -539,6 +539,14 @@ impl Containers {
                 .collect(),
             mount_sources: Vec::new(),
             in_vm: microvm,
+            // In a VM the agent is root with every capability.
+            min_oom_score_adj: if microvm {
+                None
+            } else {
+                crate::backend::oom_score_adj_floor(
+                    self.sandboxes.config().process.restrict_oom_score_adj,
+                )
+            },
         };
         // Validate before anything is exposed to the guest.
         let mut built = spec::build(&id, &config, &image_config, &layers, &pod)?;
@@ -885,8 +893,11 @@ impl Containers {
         cmd: Vec<String>,
         timeout: Duration,
     ) -> Result<ExecResult, ContainerError> {
-        if cmd.is_empty() {
-            return Err(ContainerError::Invalid("ExecSync: cmd is empty".into()));
+        // kubelet has been seen to send `[""]`: no program to run.
+        if cmd.first().is_none_or(String::is_empty) {
+            return Err(ContainerError::Invalid(
+                "ExecSync: cmd is empty (it needs a program name)".into(),
+            ));
         }
         let (rec, agent) = self.running(id).await?;
         let id = rec.id;

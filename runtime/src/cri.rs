@@ -713,8 +713,10 @@ impl RuntimeService for Cri {
         req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
         let req = req.into_inner();
-        if req.cmd.is_empty() {
-            return Err(Status::invalid_argument("Exec: cmd is empty"));
+        if req.cmd.first().is_none_or(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "Exec: cmd is empty (it needs a program name)",
+            ));
         }
         check_streams("Exec", req.tty, req.stdin, req.stdout, req.stderr)?;
         let rec = self.containers.get(&req.container_id)?;

@@ -348,6 +348,13 @@ impl Sandboxes {
         if rec.state == SandboxState::NotReady && rec.process.is_none() {
             return Ok(());
         }
+        {
+            // Stopping: a status read meanwhile must not take the
+            // process's end for a crash.
+            let mut r = lock(&entry.record);
+            r.state = SandboxState::NotReady;
+            r.reason = Some("stopping".into());
+        }
         self.backends.stop(&rec).await;
         let mut r = lock(&entry.record);
         r.state = SandboxState::NotReady;

@@ -130,6 +130,9 @@ pub struct PodContext {
     /// backend) the host kernel is its only wall: it gets no CAP_MKNOD,
     /// and seccomp profiles it cannot enforce are refused.
     pub in_vm: bool,
+    /// The lowest oom_score_adj a container may get: the host cannot
+    /// lower it below this (see `[process] restrict_oom_score_adj`).
+    pub min_oom_score_adj: Option<i32>,
 }
 
 /// The user a container runs as.
@@ -304,6 +307,23 @@ fn capability_name(c: &str) -> String {
         up
     } else {
         format!("CAP_{up}")
+    }
+}
+
+/// The container's oom_score_adj, raised to `floor` if it asks for less
+/// (with a warning: the pod is then easier to OOM-kill than asked).
+fn oom_score_adj(res: Option<&cri::LinuxContainerResources>, floor: Option<i32>) -> Option<i64> {
+    let asked = res.map(|r| r.oom_score_adj).filter(|v| *v != 0)?;
+    match floor {
+        Some(f) if i64::from(f) > asked => {
+            tracing::warn!(
+                asked,
+                floor = f,
+                "oom_score_adj raised: this host cannot lower it below the daemon's own"
+            );
+            Some(i64::from(f))
+        }
+        _ => Some(asked),
     }
 }
 
@@ -701,7 +721,7 @@ pub fn build(
             "cwd": cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             "noNewPrivileges": sc.is_some_and(|s| s.no_new_privs),
-            "oomScoreAdj": res.map(|r| r.oom_score_adj).filter(|v| *v != 0),
+            "oomScoreAdj": oom_score_adj(res, pod.min_oom_score_adj),
         },
         "root": {"path": "rootfs", "readonly": readonly_rootfs},
         "mounts": mounts,
@@ -745,6 +765,7 @@ mod tests {
             etc_files: Vec::new(),
             mount_sources: Vec::new(),
             in_vm: true,
+            min_oom_score_adj: None,
         }
     }
 
@@ -877,6 +898,21 @@ mod tests {
             capabilities(Some(&sc), true).unwrap().len(),
             ALL_CAPABILITIES.len()
         );
+    }
+
+    #[test]
+    fn a_negative_oom_score_adj_is_raised_to_the_floor_only_when_there_is_one() {
+        let res = |v| cri::LinuxContainerResources {
+            oom_score_adj: v,
+            ..Default::default()
+        };
+        // kubelet's Guaranteed QoS pods ask for -997.
+        assert_eq!(oom_score_adj(Some(&res(-997)), None), Some(-997));
+        assert_eq!(oom_score_adj(Some(&res(-997)), Some(0)), Some(0));
+        assert_eq!(oom_score_adj(Some(&res(-997)), Some(-999)), Some(-997));
+        assert_eq!(oom_score_adj(Some(&res(1000)), Some(0)), Some(1000));
+        assert_eq!(oom_score_adj(Some(&res(0)), Some(0)), None);
+        assert_eq!(oom_score_adj(None, Some(0)), None);
     }
 
     #[test]
