@@ -539,6 +539,7 @@ impl Containers {
                 .collect(),
             mount_sources: Vec::new(),
             in_vm: microvm,
+            host_network: sandbox.namespaces.network == cri::NamespaceMode::Node as i32,
             // In a VM the agent is root with every capability.
             min_oom_score_adj: if microvm {
                 None

@@ -133,6 +133,9 @@ pub struct PodContext {
     /// The lowest oom_score_adj a container may get: the host cannot
     /// lower it below this (see `[process] restrict_oom_score_adj`).
     pub min_oom_score_adj: Option<i32>,
+    /// The pod runs on the node's network (a hostNetwork pod of the
+    /// process backend).
+    pub host_network: bool,
 }
 
 /// The user a container runs as.
@@ -471,7 +474,10 @@ fn environment(
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
-fn namespaces(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Vec<Value>, SpecError> {
+fn namespaces(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+    host_network: bool,
+) -> Result<Vec<Value>, SpecError> {
     let opts = sc
         .and_then(|s| s.namespace_options.clone())
         .unwrap_or_default();
@@ -495,7 +501,9 @@ fn namespaces(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Vec<Val
             Err(_) => return Err(invalid(format!("invalid {kind} namespace mode {mode}"))),
         }
     }
-    if let Ok(cri::NamespaceMode::Node) = cri::NamespaceMode::try_from(opts.network) {
+    // A hostNetwork pod's containers ask for the node's network, which
+    // is then the pod's too.
+    if opts.network == cri::NamespaceMode::Node as i32 && !host_network {
         return Err(SpecError::Unsupported(
             "host networking is not available to vmcri pods: they run in their own VM".into(),
         ));
@@ -727,7 +735,7 @@ pub fn build(
         "mounts": mounts,
         "annotations": config.annotations.iter().collect::<BTreeMap<_, _>>(),
         "linux": {
-            "namespaces": namespaces(sc)?,
+            "namespaces": namespaces(sc, pod.host_network)?,
             "cgroupsPath": cgroup,
             "resources": resources(res)?,
             "maskedPaths": masked,
@@ -766,6 +774,7 @@ mod tests {
             mount_sources: Vec::new(),
             in_vm: true,
             min_oom_score_adj: None,
+            host_network: false,
         }
     }
 
@@ -971,7 +980,7 @@ mod tests {
     fn namespaces_follow_the_options_and_host_ones_are_refused() {
         let mut sc = cri::LinuxContainerSecurityContext::default();
         let types = |sc: &cri::LinuxContainerSecurityContext| -> Vec<String> {
-            namespaces(Some(sc))
+            namespaces(Some(sc), false)
                 .unwrap()
                 .iter()
                 .map(|n| n["type"].as_str().unwrap().to_string())
@@ -995,7 +1004,7 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            namespaces(Some(&sc)),
+            namespaces(Some(&sc), false),
             Err(SpecError::Unsupported(_))
         ));
         sc.namespace_options = Some(cri::NamespaceOption {
@@ -1003,9 +1012,14 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            namespaces(Some(&sc)),
+            namespaces(Some(&sc), false),
             Err(SpecError::Unsupported(_))
         ));
+        // In a hostNetwork pod the node's network is the pod's.
+        assert_eq!(
+            namespaces(Some(&sc), true).unwrap(),
+            namespaces(None, false).unwrap()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
+pub mod kubelet;
 pub mod pods;
 pub mod registry;
 pub mod streams;
