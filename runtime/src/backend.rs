@@ -6,7 +6,6 @@
 use crate::config::{Backend, Config, Handler, Switch};
 use crate::process;
 use crate::store::{ProcessRef, SandboxRecord};
-use k8s_cri::v1 as cri;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -210,7 +209,7 @@ impl Backends {
                     .arg(rec.dir.join("agent"));
                 let hostname = rec.hostname.clone().into_bytes();
                 // hostNetwork pods (DaemonSets) keep the node's network.
-                let host_network = rec.namespaces.network == cri::NamespaceMode::Node as i32;
+                let host_network = rec.namespaces.host_network();
                 let p = process::spawn_detached(cmd, &log, move || {
                     enter_namespaces(&hostname, host_network)
                 })

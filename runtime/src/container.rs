@@ -539,7 +539,7 @@ impl Containers {
                 .collect(),
             mount_sources: Vec::new(),
             in_vm: microvm,
-            host_network: sandbox.namespaces.network == cri::NamespaceMode::Node as i32,
+            host_network: sandbox.namespaces.host_network(),
             // In a VM the agent is root with every capability.
             min_oom_score_adj: if microvm {
                 None
@@ -894,12 +894,7 @@ impl Containers {
         cmd: Vec<String>,
         timeout: Duration,
     ) -> Result<ExecResult, ContainerError> {
-        // kubelet has been seen to send `[""]`: no program to run.
-        if cmd.first().is_none_or(String::is_empty) {
-            return Err(ContainerError::Invalid(
-                "ExecSync: cmd is empty (it needs a program name)".into(),
-            ));
-        }
+        check_program("ExecSync", &cmd)?;
         let (rec, agent) = self.running(id).await?;
         let id = rec.id;
         let exec_id = new_id()[..16].to_string();
@@ -1058,6 +1053,17 @@ impl Containers {
             )))
         })
     }
+}
+
+/// Refuses an exec command without a program name: kubelet has been
+/// seen to send `[""]`.
+pub fn check_program(call: &str, cmd: &[String]) -> Result<(), ContainerError> {
+    if cmd.first().is_none_or(String::is_empty) {
+        return Err(ContainerError::Invalid(format!(
+            "{call}: cmd is empty (it needs a program name)"
+        )));
+    }
+    Ok(())
 }
 
 /// Keeps the stats of `ids` only: an agent's reply is the guest's word,

@@ -713,11 +713,7 @@ impl RuntimeService for Cri {
         req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
         let req = req.into_inner();
-        if req.cmd.first().is_none_or(String::is_empty) {
-            return Err(Status::invalid_argument(
-                "Exec: cmd is empty (it needs a program name)",
-            ));
-        }
+        crate::container::check_program("Exec", &req.cmd)?;
         check_streams("Exec", req.tty, req.stdin, req.stdout, req.stderr)?;
         let rec = self.containers.get(&req.container_id)?;
         if rec.state != ContainerState::Running {

@@ -81,6 +81,16 @@ pub fn write_entries(
 /// Bytes of formatted log held before they are written out.
 const LOG_BUFFER: usize = 64 << 10;
 
+/// Opens (creating, 0640: readable by root's log collectors, not by every
+/// local user) the log at `path` for appending.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    File::options()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
 /// A container's log file, reopened on request (after kubelet renames it).
 pub struct LogFile {
     path: PathBuf,
@@ -93,11 +103,7 @@ impl LogFile {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)?;
+        let file = open_append(path)?;
         Ok(LogFile {
             path: path.to_path_buf(),
             file,
@@ -121,11 +127,7 @@ impl LogFile {
     /// Closes the file and opens `path` anew.
     pub fn reopen(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
-        self.file = File::options()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&self.path)?;
+        self.file = open_append(&self.path)?;
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use crate::store::ProcessRef;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -85,35 +85,48 @@ pub async fn wait_gone(p: &ProcessRef, within: Duration) -> bool {
     true
 }
 
-/// Live `vmcri-*` processes with an argument at or below `dir` (a sandbox's VMM
-/// names its directory in `--serial` and `--shared-dir`, a host agent in
-/// `--state`). Recovery uses it for a process spawned just before a
-/// crash, whose reference never reached the disk.
-pub fn find_by_path_arg(dir: &Path) -> Vec<ProcessRef> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let mut args = cmdline
-                .split(|b| *b == 0)
-                .map(|a| Path::new(std::ffi::OsStr::from_bytes(a)));
-            // Only our own binaries (vmcri-vmm, vmcri-agent): an admin's
-            // `less console.log` is not a sandbox.
-            let ours = args
-                .next()
-                .and_then(Path::file_name)
-                .is_some_and(|n| n.as_bytes().starts_with(b"vmcri-"));
-            ours && args.any(|a| a.starts_with(dir))
-        })
-        .filter_map(|pid| {
-            let (start_ticks, zombie) = stat(pid)?;
-            (!zombie).then_some(ProcessRef { pid, start_ticks })
-        })
-        .collect()
+/// The live `vmcri-*` processes (vmcri-vmm, vmcri-agent) with their
+/// arguments, read from /proc once. A sandbox's VMM names its directory
+/// in `--serial` and `--shared-dir`, a host agent in `--state`: recovery
+/// finds by it a process spawned just before a crash, whose reference
+/// never reached the disk.
+pub struct OurProcesses(Vec<(ProcessRef, Vec<PathBuf>)>);
+
+impl OurProcesses {
+    /// Reads /proc.
+    pub fn scan() -> OurProcesses {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return OurProcesses(Vec::new());
+        };
+        let found = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let mut args = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| PathBuf::from(std::ffi::OsStr::from_bytes(a)));
+                // Only our own binaries: an admin's `less console.log` is
+                // not a sandbox.
+                let ours = args.next().is_some_and(|a| {
+                    a.file_name()
+                        .is_some_and(|n| n.as_bytes().starts_with(b"vmcri-"))
+                });
+                let (start_ticks, zombie) = stat(pid)?;
+                (ours && !zombie).then(|| (ProcessRef { pid, start_ticks }, args.collect()))
+            })
+            .collect();
+        OurProcesses(found)
+    }
+
+    /// Those with an argument at or below `dir`.
+    pub fn under(&self, dir: &Path) -> Vec<ProcessRef> {
+        self.0
+            .iter()
+            .filter(|(_, args)| args.iter().any(|a| a.starts_with(dir)))
+            .map(|(p, _)| *p)
+            .collect()
+    }
 }
 
 /// [`wait_gone`] for synchronous code (recovery at start-up).
@@ -162,18 +175,18 @@ mod tests {
         let mut cmd = Command::new(&bin);
         cmd.arg("-f").arg(&log);
         let p = spawn_detached(cmd, &dir.path().join("log"), || Ok(())).unwrap();
-        assert_eq!(find_by_path_arg(dir.path()), vec![p]);
+        assert_eq!(OurProcesses::scan().under(dir.path()), vec![p]);
         // Another program with the same argument is not ours to end.
         let mut other_cmd = Command::new("tail");
         other_cmd.arg("-f").arg(&log);
         let not_ours = spawn_detached(other_cmd, &dir.path().join("log"), || Ok(())).unwrap();
-        assert_eq!(find_by_path_arg(dir.path()), vec![p]);
+        assert_eq!(OurProcesses::scan().under(dir.path()), vec![p]);
         kill(&not_ours);
         let other = tempfile::tempdir().unwrap();
-        assert!(find_by_path_arg(other.path()).is_empty());
+        assert!(OurProcesses::scan().under(other.path()).is_empty());
         kill(&p);
         assert!(wait_gone(&p, Duration::from_secs(5)).await);
-        assert!(find_by_path_arg(dir.path()).is_empty());
+        assert!(OurProcesses::scan().under(dir.path()).is_empty());
     }
 
     #[test]

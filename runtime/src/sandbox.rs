@@ -134,6 +134,8 @@ impl Sandboxes {
     /// a sandbox whose process died while the daemon was down is NotReady.
     pub fn recover(config: Arc<Config>, store: Store) -> Result<Sandboxes, SandboxError> {
         let mut entries = HashMap::new();
+        // Read once, not once per sandbox.
+        let running = process::OurProcesses::scan();
         for mut rec in store.load_all()? {
             if rec.state == SandboxState::NotReady {
                 // The daemon died while this sandbox booted: nobody will
@@ -141,7 +143,7 @@ impl Sandboxes {
                 // It is found by its saved reference or, if it was spawned
                 // just before the crash, by its sandbox directory.
                 let mut procs: Vec<ProcessRef> = rec.process.into_iter().collect();
-                procs.extend(process::find_by_path_arg(&rec.dir));
+                procs.extend(running.under(&rec.dir));
                 for p in procs.iter().filter(|p| process::alive(p)) {
                     tracing::warn!(sandbox_id = %rec.id, pid = p.pid, "sandbox was still starting when vmcri stopped; ending its process");
                     process::kill(p);
@@ -434,7 +436,7 @@ impl Sandboxes {
 }
 
 /// CRI's `NamespaceMode::NODE`: the host's namespace.
-const NODE: i32 = 2;
+const NODE: i32 = k8s_cri::v1::NamespaceMode::Node as i32;
 
 /// Refuses, before anything starts, the pod-level namespaces a backend
 /// cannot give: a microVM pod has the VM's network, PIDs and IPC, never
@@ -447,7 +449,7 @@ fn check_namespaces(ns: &NamespaceModes, backend: Backend) -> Result<(), Sandbox
         )))
     };
     match backend {
-        Backend::Microvm if ns.network == NODE => refuse(
+        Backend::Microvm if ns.host_network() => refuse(
             "host networking (hostNetwork)",
             "in a microVM pod, whose network is the VM's; run it with a process handler",
         ),

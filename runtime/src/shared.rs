@@ -65,14 +65,6 @@ fn check_name(kind: &str, name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `name` in `dir` is a mount point; a missing one is not.
-fn mounted(dir: impl AsFd, name: &str) -> io::Result<bool> {
-    match mounts::is_mount_point(dir, OsStr::new(name)) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        r => r,
-    }
-}
-
 impl SharedDir {
     /// The share of the sandbox whose private directory is `sandbox_dir`.
     pub fn new(sandbox_dir: &Path) -> SharedDir {
@@ -102,7 +94,7 @@ impl SharedDir {
     /// `mounts/`, the mount (not the directory under it).
     fn mounts_fd(&self) -> io::Result<OwnedFd> {
         let sandbox = self.sandbox_fd()?;
-        if !mounted(&sandbox, MOUNTS)? {
+        if !mounts::is_mount_point(&sandbox, OsStr::new(MOUNTS))? {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 "the pod's share is not set up",
@@ -115,11 +107,11 @@ impl SharedDir {
     /// restarted daemon can call it again.
     pub fn prepare(&self) -> io::Result<()> {
         let sandbox = self.sandbox_fd()?;
-        if !mounted(&sandbox, MOUNTS)? {
+        if !mounts::is_mount_point(&sandbox, OsStr::new(MOUNTS))? {
             let dir = beneath::mkdirs(&sandbox, Path::new(MOUNTS), PRIVATE_DIR)?;
             mounts::shared_root(dir.as_fd())?;
         }
-        if !mounted(&sandbox, VIEW)? {
+        if !mounts::is_mount_point(&sandbox, OsStr::new(VIEW))? {
             let source = beneath::open_dir(&sandbox, Path::new(MOUNTS), false)?;
             let view = beneath::mkdirs(&sandbox, Path::new(VIEW), PRIVATE_DIR)?;
             mounts::read_only_view(&source, &view)?;
@@ -137,7 +129,7 @@ impl SharedDir {
         let _one = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
         let root = self.mounts_fd()?;
         let layers = beneath::mkdirs(&root, Path::new("layers"), PRIVATE_DIR)?;
-        if !mounted(&layers, chain_hex)? {
+        if !mounts::is_mount_point(&layers, OsStr::new(chain_hex))? {
             let target = beneath::mkdirs(&layers, Path::new(chain_hex), PRIVATE_DIR)?;
             mounts::bind(
                 src,
@@ -165,7 +157,7 @@ impl SharedDir {
         let source = mounts::open_source(src)?;
         let is_dir = rustix::fs::fstat(&source)
             .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
-            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+            .map_err(io::Error::from)?;
         let root = self.mounts_fd()?;
         let target = if is_dir {
             beneath::mkdirs(&root, &rel, PRIVATE_DIR)?
@@ -198,11 +190,8 @@ impl SharedDir {
         };
         match beneath::open_dir(&containers, Path::new(id), true) {
             Ok(dir) => {
-                for entry in rustix::fs::Dir::read_from(&dir)
-                    .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?
-                {
-                    let entry =
-                        entry.map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+                for entry in rustix::fs::Dir::read_from(&dir).map_err(io::Error::from)? {
+                    let entry = entry.map_err(io::Error::from)?;
                     let name = entry.file_name();
                     if name != c"." && name != c".." {
                         mounts::unmount_at(&dir, OsStr::from_bytes(name.to_bytes()))?;

@@ -57,6 +57,13 @@ pub struct NamespaceModes {
     pub ipc: i32,
 }
 
+impl NamespaceModes {
+    /// The pod runs on the node's network (`hostNetwork`).
+    pub fn host_network(&self) -> bool {
+        self.network == k8s_cri::v1::NamespaceMode::Node as i32
+    }
+}
+
 /// Everything the daemon knows about a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {

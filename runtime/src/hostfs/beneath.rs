@@ -13,10 +13,6 @@ const STRICT: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
-fn err(e: rustix::io::Errno) -> io::Error {
-    io::Error::from_raw_os_error(e.raw_os_error())
-}
-
 /// Opens directory `rel` beneath `root`. With `same_mount`, a walk that
 /// would enter another mount fails (EXDEV).
 pub fn open_dir(root: impl AsFd, rel: &Path, same_mount: bool) -> io::Result<OwnedFd> {
@@ -37,7 +33,7 @@ pub fn open_dir(root: impl AsFd, rel: &Path, same_mount: bool) -> io::Result<Own
         Mode::empty(),
         resolve,
     )
-    .map_err(err)
+    .map_err(io::Error::from)
 }
 
 /// Opens `rel` beneath `root` as an `O_PATH` fd (a mount target, or a
@@ -50,7 +46,7 @@ pub fn open_path(root: impl AsFd, rel: &Path) -> io::Result<OwnedFd> {
         Mode::empty(),
         STRICT | ResolveFlags::NO_XDEV,
     )
-    .map_err(err)
+    .map_err(io::Error::from)
 }
 
 /// Checks that `rel` is a plain relative path: no root, `..` or `.`.
@@ -73,7 +69,7 @@ pub fn mkdirs(root: impl AsFd, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
     for c in rel.components() {
         match rustix::fs::mkdirat(&cur, c.as_os_str(), Mode::from_raw_mode(mode)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(io::Error::from(e)),
         }
         cur = open_dir(&cur, Path::new(c.as_os_str()), true)?;
     }
@@ -98,10 +94,10 @@ pub fn mkfile(root: impl AsFd, rel: &Path, dir_mode: u32) -> io::Result<OwnedFd>
         STRICT | ResolveFlags::NO_XDEV,
     ) {
         Ok(_) | Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(err(e)),
+        Err(e) => return Err(io::Error::from(e)),
     }
     let fd = open_path(&dir, Path::new(name))?;
-    let st = rustix::fs::fstat(&fd).map_err(err)?;
+    let st = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,

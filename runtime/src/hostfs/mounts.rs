@@ -14,10 +14,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-fn err(e: rustix::io::Errno) -> io::Error {
-    io::Error::from_raw_os_error(e.raw_os_error())
-}
-
 // linux/mount.h: mount_setattr(2) attributes and its argument.
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
@@ -99,7 +95,8 @@ fn set_propagation_tree(fd: impl AsFd, p: Propagation, recursive: bool) -> io::R
 
 /// The ID of the mount `fd` lives on.
 pub fn mount_id(fd: impl AsFd) -> io::Result<u64> {
-    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID).map_err(err)?;
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
+        .map_err(io::Error::from)?;
     if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -110,10 +107,13 @@ pub fn mount_id(fd: impl AsFd) -> io::Result<u64> {
 }
 
 /// Whether `name` in `dir` is the root of a mount (a bind target),
-/// without following a symlink there.
+/// without following a symlink there; a missing `name` is not.
 pub fn is_mount_point(dir: impl AsFd, name: &OsStr) -> io::Result<bool> {
-    let st =
-        rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::MNT_ID).map_err(err)?;
+    let st = match rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::MNT_ID) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
     if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
         return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
     }
@@ -142,7 +142,12 @@ pub fn bind(src: &Path, target: impl AsFd, opts: BindOptions) -> io::Result<u64>
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(|e| io::Error::new(err(e).kind(), format!("{}: {}", src.display(), err(e))))?;
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {}", src.display(), io::Error::from(e)),
+        )
+    })?;
     bind_fd(src.as_fd(), target, opts)
 }
 
@@ -162,7 +167,7 @@ pub fn open_source(path: &Path) -> io::Result<OwnedFd> {
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(err)?;
+    .map_err(io::Error::from)?;
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")
     } else {
@@ -179,9 +184,12 @@ pub fn open_source(path: &Path) -> io::Result<OwnedFd> {
         let why = if e == rustix::io::Errno::LOOP {
             "a symlink on its path (give the resolved path)".to_string()
         } else {
-            err(e).to_string()
+            io::Error::from(e).to_string()
         };
-        io::Error::new(err(e).kind(), format!("{}: {why}", path.display()))
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {why}", path.display()),
+        )
     })
 }
 
@@ -225,8 +233,12 @@ fn detached_clone(src: BorrowedFd<'_>, depth: Depth, attrs: u64) -> io::Result<O
     if depth != Depth::Top {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    let tree = rustix::mount::open_tree(src, "", flags)
-        .map_err(|e| io::Error::new(err(e).kind(), format!("cloning a mount: {}", err(e))))?;
+    let tree = rustix::mount::open_tree(src, "", flags).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cloning a mount: {}", io::Error::from(e)),
+        )
+    })?;
     setattr(
         tree.as_fd(),
         depth == Depth::Tree,
@@ -248,7 +260,7 @@ fn attach(tree: OwnedFd, target: impl AsFd) -> io::Result<u64> {
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
-    .map_err(err)?;
+    .map_err(io::Error::from)?;
     mount_id(&tree)
 }
 
@@ -314,11 +326,8 @@ pub fn unmount_at(dir: impl AsFd, name: &OsStr) -> io::Result<usize> {
     let dir = dir.as_fd();
     // More than a few stacked mounts is nothing we made: stop there.
     for n in 0..64 {
-        match is_mount_point(dir, name) {
-            Ok(true) => {}
-            Ok(false) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(n),
-            Err(e) => return Err(e),
+        if !is_mount_point(dir, name)? {
+            return Ok(n);
         }
         let fd = rustix::fs::openat(
             dir,
@@ -326,7 +335,7 @@ pub fn unmount_at(dir: impl AsFd, name: &OsStr) -> io::Result<usize> {
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(err)?;
+        .map_err(io::Error::from)?;
         // The fd names the mount's root; its /proc link reaches exactly
         // that mount, whatever path strings mountinfo shows.
         match rustix::mount::unmount(
@@ -335,7 +344,7 @@ pub fn unmount_at(dir: impl AsFd, name: &OsStr) -> io::Result<usize> {
         ) {
             // Detached meanwhile by a concurrent release: look again.
             Ok(()) | Err(rustix::io::Errno::INVAL) => {}
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(io::Error::from(e)),
         }
     }
     Err(io::Error::other(format!(

@@ -14,10 +14,6 @@ use std::path::Path;
 /// How many passes that removed nothing one removal tolerates.
 const MAX_RETRIES: u32 = 1000;
 
-fn err(e: rustix::io::Errno) -> io::Error {
-    io::Error::from_raw_os_error(e.raw_os_error())
-}
-
 fn open_child(dir: impl AsFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
         dir,
@@ -28,7 +24,7 @@ fn open_child(dir: impl AsFd, name: &CStr) -> rustix::io::Result<OwnedFd> {
 }
 
 fn identity(fd: impl AsFd) -> io::Result<(u64, u64)> {
-    let st = rustix::fs::fstat(fd).map_err(err)?;
+    let st = rustix::fs::fstat(fd).map_err(io::Error::from)?;
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -53,9 +49,9 @@ enum Next {
 /// Unlinks every non-directory entry of `dir` and returns the first
 /// subdirectory, if any.
 fn sweep(dir: &OwnedFd) -> io::Result<Next> {
-    let mut entries = Dir::read_from(dir).map_err(err)?;
+    let mut entries = Dir::read_from(dir).map_err(io::Error::from)?;
     while let Some(entry) = entries.read() {
-        let entry = entry.map_err(err)?;
+        let entry = entry.map_err(io::Error::from)?;
         let name = entry.file_name();
         if name == c"." || name == c".." {
             continue;
@@ -63,7 +59,8 @@ fn sweep(dir: &OwnedFd) -> io::Result<Next> {
         let is_dir = match entry.file_type() {
             FileType::Directory => true,
             FileType::Unknown => {
-                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
+                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)?;
                 FileType::from_raw_mode(st.st_mode) == FileType::Directory
             }
             _ => false,
@@ -77,7 +74,7 @@ fn sweep(dir: &OwnedFd) -> io::Result<Next> {
             Err(rustix::io::Errno::ISDIR) => return Ok(Next::Descend(name.to_owned())),
             // A file with a bind on it.
             Err(rustix::io::Errno::BUSY) => return Err(refuse_mount(name)),
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(io::Error::from(e)),
         }
     }
     Ok(Next::Empty)
@@ -99,10 +96,10 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
         Err(rustix::io::Errno::NOTDIR) | Err(rustix::io::Errno::LOOP) => {
             return match rustix::fs::unlinkat(parent, top_name.as_c_str(), AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-                Err(e) => Err(err(e)),
+                Err(e) => Err(io::Error::from(e)),
             };
         }
-        Err(e) => return Err(err(e)),
+        Err(e) => return Err(io::Error::from(e)),
     };
     let mount = super::mounts::mount_id(&top)?;
     // The path from `top` down to `cur`: each step's name and the
@@ -135,7 +132,7 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
                         retry()?;
                         continue;
                     }
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(io::Error::from(e)),
                 };
                 if super::mounts::mount_id(&fd)? != mount {
                     return Err(refuse_mount(&child));
@@ -152,10 +149,10 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
                         AtFlags::REMOVEDIR,
                     ) {
                         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-                        Err(e) => Err(err(e)),
+                        Err(e) => Err(io::Error::from(e)),
                     };
                 };
-                let up = open_child(&cur, c"..").map_err(err)?;
+                let up = open_child(&cur, c"..").map_err(io::Error::from)?;
                 if identity(&up)? != expected {
                     return Err(io::Error::other(
                         "a directory was moved while its tree was being removed",
@@ -167,7 +164,7 @@ pub fn remove_tree_at(parent: impl AsFd, name: &OsStr) -> io::Result<()> {
                     // Refilled meanwhile: the next sweep of `up` finds it.
                     Err(rustix::io::Errno::NOTEMPTY) => retry()?,
                     Err(rustix::io::Errno::BUSY) => return Err(refuse_mount(&name)),
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(io::Error::from(e)),
                 }
                 cur = up;
             }
