@@ -201,39 +201,6 @@ pub struct AgentConfig {
     pub stats_timeout_secs: u64,
 }
 
-/// `[images]`: bounds on pulls.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImagesConfig {
-    /// Bytes one layer may unpack to.
-    pub max_layer_bytes: u64,
-    /// Entries one layer may create.
-    pub max_layer_inodes: u64,
-    /// Bytes all the layers of an image may unpack to.
-    pub max_image_bytes: u64,
-    /// Entries all the layers of an image may create.
-    pub max_image_inodes: u64,
-    /// Free bytes a pull must leave on the store's filesystem.
-    pub min_free_bytes: u64,
-    /// Percent of the store's filesystem a pull must leave free.
-    pub min_free_percent: u8,
-}
-
-impl ImagesConfig {
-    /// The image crate's limits with these bounds.
-    pub fn limits(&self) -> vmcri_image::limits::Limits {
-        vmcri_image::limits::Limits {
-            max_layer_bytes: self.max_layer_bytes,
-            max_layer_inodes: self.max_layer_inodes,
-            max_image_bytes: self.max_image_bytes,
-            max_image_inodes: self.max_image_inodes,
-            min_free_bytes: self.min_free_bytes,
-            min_free_percent: self.min_free_percent,
-            ..Default::default()
-        }
-    }
-}
-
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,7 +226,7 @@ pub struct Config {
     /// Per-registry settings by registry host.
     pub registries: BTreeMap<String, vmcri_image::registry::RegistryConfig>,
     /// Bounds on pulls.
-    pub images: ImagesConfig,
+    pub images: vmcri_image::limits::Limits,
 }
 
 /// Errors in loading the configuration.
@@ -456,15 +423,15 @@ mod tests {
     fn image_limits_default_as_documented_and_override() {
         let c = Config::load(None).unwrap();
         assert_eq!(
-            c.images.limits(),
+            c.images,
             vmcri_image::limits::Limits::default(),
             "the embedded [images] is the crate's defaults"
         );
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "[images]\nmax_layer_bytes = 1024\nmin_free_percent = 10").unwrap();
         let c = Config::load(Some(f.path())).unwrap();
-        assert_eq!(c.images.limits().max_layer_bytes, 1024);
-        assert_eq!(c.images.limits().min_free_percent, 10);
+        assert_eq!(c.images.max_layer_bytes, 1024);
+        assert_eq!(c.images.min_free_percent, 10);
         assert_eq!(c.images.max_image_inodes, 4194304, "the rest stay");
         let mut g = tempfile::NamedTempFile::new().unwrap();
         writeln!(g, "[images]\nmin_free_percent = 101").unwrap();

@@ -145,9 +145,8 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     }
     let listener = vmcri_runtime::socket::bind_private(&config.listen)
         .with_context(|| format!("binding {}", config.listen.display()))?;
-    let images = Arc::new(
-        Images::open(&config.root, config.registries.clone())?.with_limits(config.images.limits()),
-    );
+    let images =
+        Arc::new(Images::open(&config.root, config.registries.clone())?.with_limits(config.images));
     let containers = Containers::recover(sandboxes.clone(), images.clone());
     let streaming = vmcri_streaming::Server::start(
         vmcri_streaming::Config {

@@ -13,8 +13,10 @@ use thiserror::Error;
 /// is containerd's bound too.
 pub const MAX_DOCUMENT_BYTES: u64 = 4 << 20;
 
-/// Bounds on a pull and on the layers it unpacks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Bounds on a pull and on the layers it unpacks; the daemon's `[images]`
+/// configuration is this struct (the tar format bounds are fixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Bytes one layer may unpack to: its uncompressed tar stream, and
     /// separately the file content it writes (sparse entries expand).
@@ -32,9 +34,19 @@ pub struct Limits {
     /// counts them) a pull must leave free; the higher floor applies.
     pub min_free_percent: u8,
     /// Size of one PAX header or GNU long name/link.
+    #[serde(skip, default = "default_max_metadata_bytes")]
     pub max_metadata_bytes: u64,
     /// Length of one path.
+    #[serde(skip, default = "default_max_path_len")]
     pub max_path_len: usize,
+}
+
+fn default_max_metadata_bytes() -> u64 {
+    Limits::default().max_metadata_bytes
+}
+
+fn default_max_path_len() -> usize {
+    Limits::default().max_path_len
 }
 
 impl Default for Limits {
