@@ -1,8 +1,7 @@
-//! Images known to the daemon: pulled into the content store, named by
-//! the references users asked for, persisted atomically beside the
-//! sandbox records.
+//! The image service: images pulled into the content store, named by the
+//! references users asked for; their table is kept by the [`Store`].
 
-use serde::{Deserialize, Serialize};
+use crate::store::{ImageRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,43 +12,6 @@ use vmcri_image::pull::{self, Credentials, PullError};
 use vmcri_image::reference::{Reference, ReferenceError};
 use vmcri_image::registry::RegistryConfig;
 use vmcri_image::unpack::Limits;
-
-/// One image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    /// Image ID: the config digest.
-    pub id: String,
-    /// Tags, as normalised references (`docker.io/library/busybox:latest`).
-    pub repo_tags: Vec<String>,
-    /// `name@sha256:<manifest>` for each name it was pulled as.
-    pub repo_digests: Vec<String>,
-    /// Compressed size.
-    pub size: u64,
-    /// Layer chain IDs, bottom first.
-    pub chain: Vec<String>,
-    /// The config's `User`.
-    pub user: String,
-    /// Blobs (config and layers) it keeps alive in the store.
-    #[serde(default)]
-    pub blobs: Vec<String>,
-}
-
-impl ImageRecord {
-    /// Numeric user from the config, if `User` starts with one.
-    pub fn uid(&self) -> Option<i64> {
-        self.user.split(':').next().and_then(|u| u.parse().ok())
-    }
-
-    /// User name from the config, if `User` names one.
-    pub fn username(&self) -> String {
-        let u = self.user.split(':').next().unwrap_or("");
-        if u.parse::<i64>().is_ok() {
-            String::new()
-        } else {
-            u.to_string()
-        }
-    }
-}
 
 /// Errors of image operations.
 #[derive(Debug, Error)]
@@ -63,8 +25,11 @@ pub enum ImageError {
     /// Store failures.
     #[error(transparent)]
     Content(#[from] ContentError),
-    /// Metadata persistence.
-    #[error("image metadata {path}: {source}")]
+    /// The image table could not be saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading an image's files.
+    #[error("image {path}: {source}")]
     Io {
         /// Path.
         path: String,
@@ -75,7 +40,8 @@ pub enum ImageError {
 
 /// The image table.
 pub struct Images {
-    path: PathBuf,
+    root: PathBuf,
+    records_store: Store,
     store: ContentStore,
     registries: BTreeMap<String, RegistryConfig>,
     records: Mutex<BTreeMap<String, ImageRecord>>,
@@ -91,23 +57,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Images {
-    /// Opens the table under `root`.
+    /// The images of the state root `root`, whose table `store` keeps and
+    /// recovery read as `records`.
     pub fn open(
         root: &Path,
+        store: Store,
+        records: BTreeMap<String, ImageRecord>,
         registries: BTreeMap<String, RegistryConfig>,
     ) -> Result<Images, ImageError> {
-        let store = ContentStore::open(&root.join("content"))?;
-        let path = root.join("images.json");
-        let records = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "image metadata unreadable; starting with none");
-                BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
-        };
         Ok(Images {
-            path,
-            store,
+            root: root.to_path_buf(),
+            records_store: store,
+            store: ContentStore::open(&root.join("content"))?,
             registries,
             records: Mutex::new(records),
             limits: Limits::default(),
@@ -123,12 +84,7 @@ impl Images {
     }
 
     fn save(&self, records: &BTreeMap<String, ImageRecord>) -> Result<(), ImageError> {
-        let io = |source| ImageError::Io {
-            path: self.path.display().to_string(),
-            source,
-        };
-        let data = serde_json::to_vec_pretty(records).map_err(|e| io(std::io::Error::other(e)))?;
-        crate::store::write_atomically(&self.path, &data).map_err(io)
+        Ok(self.records_store.save_images(records)?)
     }
 
     /// Pulls `image` and records it under the name asked for.
@@ -283,29 +239,18 @@ impl Images {
     }
 
     fn gc(&self, records: &BTreeMap<String, ImageRecord>) -> Result<GcStats, ImageError> {
-        let parse = |s: &String| Digest::parse(s).ok();
-        let blobs: BTreeSet<Digest> = records
-            .values()
-            .flat_map(|r| r.blobs.iter().filter_map(parse))
-            .collect();
-        let layers: BTreeSet<Digest> = records
-            .values()
-            .flat_map(|r| r.chain.iter().filter_map(parse))
-            .collect();
-        Ok(self.store.gc(&blobs, &layers)?)
+        gc(&self.store, records)
     }
 
     /// Deletes content no image references, with leftovers of interrupted
     /// pulls, under the state root `root`; safe while a daemon runs there
     /// (`vmcri images prune`).
     pub fn prune(root: &Path) -> Result<GcStats, ImageError> {
-        let this = Images::open(root, BTreeMap::new())?;
-        let _store = this.store.lock()?;
-        // Read the table again under the lock: a pull that finished while
-        // we waited has recorded its image by now.
-        let fresh = Images::open(root, BTreeMap::new())?;
-        let records = lock(&fresh.records).clone();
-        fresh.gc(&records)
+        let store = ContentStore::open(&root.join("content"))?;
+        let _lock = store.lock()?;
+        // Read the table under the lock: a pull that finished while we
+        // waited has recorded its image by now.
+        gc(&store, &Store::read_images(root))
     }
 
     /// (bytes, inodes) used by the content store, and its path.
@@ -322,11 +267,28 @@ impl Images {
                 }
             }
         }
-        let root = self.path.with_file_name("content");
+        let root = self.root.join("content");
         let mut acc = (0, 0);
         walk(&root, &mut acc);
         (acc.0, acc.1, root)
     }
+}
+
+/// Deletes what no image in `records` references from `store`.
+fn gc(
+    store: &ContentStore,
+    records: &BTreeMap<String, ImageRecord>,
+) -> Result<GcStats, ImageError> {
+    let parse = |s: &String| Digest::parse(s).ok();
+    let blobs: BTreeSet<Digest> = records
+        .values()
+        .flat_map(|r| r.blobs.iter().filter_map(parse))
+        .collect();
+    let layers: BTreeSet<Digest> = records
+        .values()
+        .flat_map(|r| r.chain.iter().filter_map(parse))
+        .collect();
+    Ok(store.gc(&blobs, &layers)?)
 }
 
 #[cfg(test)]
@@ -378,7 +340,8 @@ mod tests {
             max_layer_bytes: 1234,
             ..Limits::default()
         };
-        let images = Images::open(dir.path(), BTreeMap::new())
+        let store = Store::open(dir.path()).unwrap();
+        let images = Images::open(dir.path(), store, BTreeMap::new(), BTreeMap::new())
             .unwrap()
             .with_limits(limits);
         assert_eq!(images.limits, limits);

@@ -1,18 +1,20 @@
 //! vmcri's CRI daemon: RuntimeService and ImageService over a Unix
 //! socket, pod sandboxes as microVMs or host processes.
+//!
+//! Layers, top down (ARCHITECTURE.md traces a call through them):
+//! [`cri`] (thin tonic handlers, conversions, the one error mapping) →
+//! [`container`], [`sandbox`] and [`images`] (the services) →
+//! [`backend`] (microVM or host process) and [`store`] (records on disk).
 
 pub mod backend;
 pub mod config;
 pub mod container;
 pub mod cri;
 pub mod hostfs;
+pub mod id;
 pub mod images;
-pub mod logs;
-pub mod pod_files;
-pub mod process;
+pub mod lock;
 pub mod sandbox;
-pub mod shared;
 pub mod socket;
-pub mod spec;
 pub mod store;
 pub mod streams;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::UnixListenerStream;
+use vmcri_runtime::backend::Backends;
 use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
 use vmcri_runtime::container::Containers;
 use vmcri_runtime::cri::Cri;
@@ -131,7 +132,7 @@ fn main() -> Result<()> {
 
 async fn serve(config: Arc<Config>) -> Result<()> {
     for (name, h) in &config.handlers {
-        if h.backend == Backend::Process {
+        if !h.backend.isolates_with_a_vm() {
             tracing::warn!(handler = %name, "handler uses the process backend: its pods run on the host in namespaces, WITHOUT VM isolation");
         }
     }
@@ -139,15 +140,28 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     vmcri_runtime::store::private_dirs(&config.root)
         .with_context(|| format!("creating state root {}", config.root.display()))?;
     let store = Store::open(&config.root)?;
-    let sandboxes = Arc::new(Sandboxes::recover(config.clone(), store)?);
+    let snapshot = store.load()?;
+    let sandboxes = Arc::new(Sandboxes::recover(
+        config.clone(),
+        store.clone(),
+        Backends::new(config.clone()),
+        snapshot.sandboxes,
+    )?);
     if let Some(dir) = config.listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let listener = vmcri_runtime::socket::bind_private(&config.listen)
         .with_context(|| format!("binding {}", config.listen.display()))?;
-    let images =
-        Arc::new(Images::open(&config.root, config.registries.clone())?.with_limits(config.images));
-    let containers = Containers::recover(sandboxes.clone(), images.clone());
+    let images = Arc::new(
+        Images::open(
+            &config.root,
+            store,
+            snapshot.images,
+            config.registries.clone(),
+        )?
+        .with_limits(config.images),
+    );
+    let containers = Containers::recover(sandboxes.clone(), images.clone(), snapshot.containers);
     let streaming = vmcri_streaming::Server::start(
         vmcri_streaming::Config {
             address: config.streaming.address,

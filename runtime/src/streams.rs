@@ -3,7 +3,7 @@
 //! sandbox boundary (the VM), never the host's namespaces.
 
 use crate::container::{pref, ContainerError, Containers};
-use crate::sandbox::new_id;
+use crate::id::new_id;
 use bytes::Bytes;
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
@@ -173,7 +173,7 @@ async fn port_forward(
             vmcri_agent_client::ClientError::Rpc { status, .. } => status.message().to_string(),
             other => other.to_string(),
         })?;
-    tracing::debug!(sandbox_id = %sandbox.id, port = conn.port, "forwarding");
+    tracing::debug!(sandbox_id = %sandbox.record.id, port = conn.port, "forwarding");
     while let Some(m) = back.next().await {
         let chunk = m.map_err(|s| s.message().to_string())?;
         if !chunk.data.is_empty() && conn.outgoing.send(Bytes::from(chunk.data)).await.is_err() {

@@ -251,7 +251,7 @@ mod tests {
         let sandbox = dir.path().join("sandbox");
         std::fs::create_dir(&sandbox).unwrap();
         let share = SharedDir::new(&sandbox);
-        crate::pod_files::write(&share.etc_dir(), "pod", None).unwrap();
+        crate::sandbox::pod_files::write(&share.etc_dir(), "pod", None).unwrap();
         share.prepare().unwrap();
         Fixture {
             _dir: dir,

@@ -5,7 +5,7 @@
 
 use k8s_cri::v1 as cri;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The files and the container paths they are mounted on.
 pub const FILES: &[(&str, &str)] = &[
@@ -65,15 +65,6 @@ pub fn write(dir: &Path, hostname: &str, dns: Option<&cri::DnsConfig>) -> std::i
     std::fs::write(dir.join("hosts"), hosts(hostname))?;
     std::fs::write(dir.join("resolv.conf"), resolv_conf(dns))?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))
-}
-
-/// Where a sandbox in `sandbox_dir` keeps them on the host.
-pub fn host_dir(sandbox_dir: &Path, in_share: bool) -> PathBuf {
-    if in_share {
-        crate::shared::SharedDir::new(sandbox_dir).etc_dir()
-    } else {
-        sandbox_dir.join("etc")
-    }
 }
 
 #[cfg(test)]

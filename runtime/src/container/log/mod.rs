@@ -1,6 +1,9 @@
 //! Container logs in the CRI format kubelet reads and rotates:
 //! `<RFC3339Nano timestamp> <stdout|stderr> <P|F> <content>\n`, where P
-//! marks a partial line continued by the next entry and F a full one.
+//! marks a partial line continued by the next entry and F a full one;
+//! [`copier`] fills them from the agent.
+
+pub mod copier;
 
 use std::fs::File;
 use std::io::Write;

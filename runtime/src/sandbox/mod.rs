@@ -1,8 +1,14 @@
-//! The pod sandbox manager: CRI semantics over the store and backends.
+//! The sandbox service: CRI pod-sandbox semantics (names, states,
+//! idempotent stop and remove, recovery) over the store and a backend.
+//! Each sandbox owns its backend handle; [`Sandbox::agent`] reaches its
+//! agent.
 
-use crate::backend::{BackendError, Backends};
-use crate::config::{Backend, Config};
-use crate::process;
+pub mod pod_files;
+
+use crate::backend::{BackendError, Backends, SandboxBackend};
+use crate::config::Config;
+use crate::id::{new_id, now_ns};
+use crate::lock::lock;
 use crate::store::{
     NamespaceModes, PodMeta, ProcessRef, SandboxRecord, SandboxState, Store, StoreError,
 };
@@ -10,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::broadcast;
+use vmcri_agent_client::Agent;
 
 /// Errors of sandbox operations, each mapping to one gRPC status.
 #[derive(Debug, Error)]
@@ -34,6 +41,14 @@ pub enum SandboxError {
         /// The existing sandbox.
         id: String,
     },
+    /// Not ready for what was asked (FailedPrecondition).
+    #[error("pod sandbox {id} is not ready{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    NotReady {
+        /// The sandbox.
+        id: String,
+        /// Why, if known.
+        reason: Option<String>,
+    },
     /// Starting or reaching the sandbox failed (Unavailable/Internal).
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -42,12 +57,12 @@ pub enum SandboxError {
     Store(#[from] StoreError),
 }
 
-/// A sandbox lifecycle event, published to GetContainerEvents.
+/// A lifecycle event, published to GetContainerEvents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// Record created.
     Created,
-    /// Ready.
+    /// Ready (a sandbox) or running (a container).
     Started,
     /// Stopped.
     Stopped,
@@ -87,11 +102,54 @@ pub struct RunRequest {
     pub namespaces: NamespaceModes,
 }
 
+/// A sandbox as its users see it: its record at one moment, and the
+/// backend that runs it.
+#[derive(Clone)]
+pub struct Sandbox {
+    /// The record.
+    pub record: SandboxRecord,
+    backend: Arc<dyn SandboxBackend>,
+}
+
+impl Sandbox {
+    /// Its backend.
+    pub fn backend(&self) -> &dyn SandboxBackend {
+        self.backend.as_ref()
+    }
+
+    /// A connection to its agent (it is expected to be up).
+    pub async fn agent(&self) -> Result<Agent, SandboxError> {
+        Ok(self.backend.agent(&self.record).await?)
+    }
+
+    /// FailedPrecondition unless it is ready.
+    pub fn ready(self) -> Result<Sandbox, SandboxError> {
+        if self.record.state != SandboxState::Ready {
+            return Err(SandboxError::NotReady {
+                id: self.record.id,
+                reason: self.record.reason,
+            });
+        }
+        Ok(self)
+    }
+}
+
 struct Entry {
     /// Serialises lifecycle operations on one sandbox (a boot can take
     /// minutes on nested KVM; other sandboxes are not held up).
     op: tokio::sync::Mutex<()>,
     record: Mutex<SandboxRecord>,
+    backend: Arc<dyn SandboxBackend>,
+}
+
+impl Entry {
+    fn new(record: SandboxRecord, backend: Arc<dyn SandboxBackend>) -> Arc<Entry> {
+        Arc::new(Entry {
+            op: tokio::sync::Mutex::new(()),
+            record: Mutex::new(record),
+            backend,
+        })
+    }
 }
 
 /// All sandboxes.
@@ -103,40 +161,21 @@ pub struct Sandboxes {
     events: broadcast::Sender<SandboxEvent>,
 }
 
-/// Nanoseconds since the Unix epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-/// A fresh 64-hex-digit ID.
-pub fn new_id() -> String {
-    let mut b = [0u8; 32];
-    // SAFETY: b is valid for 32 bytes.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        // getrandom(2) does not fail for 32 bytes once the pool is up;
-        // fall back to time and PID rather than refusing the pod.
-        let seed = now_ns() as u128 ^ (u128::from(std::process::id()) << 64);
-        b[..16].copy_from_slice(&seed.to_le_bytes());
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Sandboxes {
-    /// Loads persisted sandboxes and reconciles them with what is running:
-    /// a sandbox whose process died while the daemon was down is NotReady.
-    pub fn recover(config: Arc<Config>, store: Store) -> Result<Sandboxes, SandboxError> {
+    /// The sandboxes of `records` (what the store held), reconciled with
+    /// what is running: a sandbox whose process died while the daemon was
+    /// down is NotReady, and one that was still starting is ended.
+    pub fn recover(
+        config: Arc<Config>,
+        store: Store,
+        backends: Backends,
+        records: Vec<SandboxRecord>,
+    ) -> Result<Sandboxes, SandboxError> {
         let mut entries = HashMap::new();
         // Read once, not once per sandbox.
-        let running = process::OurProcesses::scan();
-        for mut rec in store.load_all()? {
+        let running = crate::backend::host_process::OurProcesses::scan();
+        for mut rec in records {
+            let backend = backends.get(rec.backend);
             if rec.state == SandboxState::NotReady {
                 // The daemon died while this sandbox booted: nobody will
                 // wait for it, so its process must not outlive the boot.
@@ -144,39 +183,31 @@ impl Sandboxes {
                 // just before the crash, by its sandbox directory.
                 let mut procs: Vec<ProcessRef> = rec.process.into_iter().collect();
                 procs.extend(running.under(&rec.dir));
-                for p in procs.iter().filter(|p| process::alive(p)) {
+                for p in procs.iter().filter(|p| backend.alive(p)) {
                     tracing::warn!(sandbox_id = %rec.id, pid = p.pid, "sandbox was still starting when vmcri stopped; ending its process");
-                    process::kill(p);
-                    process::wait_gone_blocking(p, std::time::Duration::from_secs(5));
+                    backend.kill(p);
                 }
                 if rec.process.take().is_some() {
                     rec.reason = Some("vmcri stopped while the sandbox was starting".into());
-                    store.save(&rec)?;
+                    store.save_sandbox(&rec)?;
                 }
             }
-            if rec.state == SandboxState::Ready && !rec.process.is_some_and(|p| process::alive(&p))
-            {
+            if rec.state == SandboxState::Ready && !rec.process.is_some_and(|p| backend.alive(&p)) {
                 tracing::warn!(sandbox_id = %rec.id, "sandbox process exited while vmcri was down");
                 rec.state = SandboxState::NotReady;
                 rec.reason = Some(format!(
                     "the sandbox's {} exited while vmcri was not running",
-                    what(&rec)
+                    backend.process_name()
                 ));
                 rec.process = None;
-                store.save(&rec)?;
+                store.save_sandbox(&rec)?;
             }
-            entries.insert(
-                rec.id.clone(),
-                Arc::new(Entry {
-                    op: tokio::sync::Mutex::new(()),
-                    record: Mutex::new(rec),
-                }),
-            );
+            entries.insert(rec.id.clone(), Entry::new(rec, backend));
         }
         tracing::info!(sandboxes = entries.len(), "recovered sandbox state");
         let (events, _) = broadcast::channel(1024);
         Ok(Sandboxes {
-            backends: Backends::new(config.clone()),
+            backends,
             config,
             store,
             entries: Mutex::new(entries),
@@ -187,6 +218,11 @@ impl Sandboxes {
     /// The daemon's configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The store sandboxes and their containers are kept in.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Subscribes to sandbox events.
@@ -241,7 +277,8 @@ impl Sandboxes {
                     self.handler_names()
                 ))
             })?;
-        check_namespaces(&req.namespaces, handler.backend)?;
+        let backend = self.backends.get(handler.backend);
+        backend.check_namespaces(&req.namespaces)?;
         let id = new_id();
         let dir = self.store.sandbox_dir(&id);
         let socket_dir = self.config.root.join("run").join(&id[..16]);
@@ -251,21 +288,18 @@ impl Sandboxes {
             labels: req.labels,
             annotations: req.annotations,
             handler: handler_name,
-            backend: handler.backend,
+            backend: backend.kind(),
             created_at_ns: now_ns(),
             state: SandboxState::NotReady,
             reason: Some("starting".into()),
             process: None,
-            agent_socket: Backends::agent_socket(handler.backend, &socket_dir),
+            agent_socket: backend.agent_socket(&socket_dir),
             dir: dir.clone(),
             log_directory: req.log_directory,
             hostname: req.hostname,
             namespaces: req.namespaces,
         };
-        let entry = Arc::new(Entry {
-            op: tokio::sync::Mutex::new(()),
-            record: Mutex::new(rec.clone()),
-        });
+        let entry = Entry::new(rec.clone(), backend.clone());
         let _op = entry.op.lock().await;
         {
             let mut entries = lock(&self.entries);
@@ -282,9 +316,9 @@ impl Sandboxes {
             entries.insert(id.clone(), entry.clone());
         }
         // Persist before starting: a crash mid-boot leaves a NotReady record.
-        let etc = crate::pod_files::host_dir(&dir, rec.backend == crate::config::Backend::Microvm);
-        let saved = self.store.save(&rec).and_then(|()| {
-            crate::pod_files::write(&etc, &rec.hostname, req.dns.as_ref()).map_err(|source| {
+        let etc = backend.etc_dir(&dir);
+        let saved = self.store.save_sandbox(&rec).and_then(|()| {
+            pod_files::write(&etc, &rec.hostname, req.dns.as_ref()).map_err(|source| {
                 StoreError::Io {
                     path: etc.display().to_string(),
                     source,
@@ -292,30 +326,31 @@ impl Sandboxes {
             })
         });
         if let Err(e) = saved {
-            let _ = self.store.remove(&id);
-            lock(&self.entries).remove(&id);
+            self.forget(&rec, &socket_dir);
             return Err(e.into());
         }
         self.publish(EventKind::Created, &rec);
-        tracing::info!(sandbox_id = %id, backend = %handler.backend, name = %req.meta.name, "starting pod sandbox");
-        let spawned = |p: ProcessRef| {
-            let mut r = lock(&entry.record);
-            r.process = Some(p);
-            let booting = r.clone();
-            drop(r);
-            self.store
-                .save(&booting)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        match self.backends.start(&rec, &handler, spawned).await {
-            Ok(p) => {
+        tracing::info!(sandbox_id = %id, backend = %rec.backend, name = %req.meta.name, "starting pod sandbox");
+        let spawned = Box::new(|p: ProcessRef| {
+            let booting = {
                 let mut r = lock(&entry.record);
                 r.process = Some(p);
-                r.state = SandboxState::Ready;
-                r.reason = None;
-                let done = r.clone();
-                drop(r);
-                self.store.save(&done)?;
+                r.clone()
+            };
+            self.store
+                .save_sandbox(&booting)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        match backend.start(&rec, &handler, spawned).await {
+            Ok(p) => {
+                let done = {
+                    let mut r = lock(&entry.record);
+                    r.process = Some(p);
+                    r.state = SandboxState::Ready;
+                    r.reason = None;
+                    r.clone()
+                };
+                self.store.save_sandbox(&done)?;
                 self.publish(EventKind::Started, &done);
                 Ok(id)
             }
@@ -323,13 +358,29 @@ impl Sandboxes {
                 // Nothing half-made stays behind: the caller retries with the
                 // same metadata, so the record must go (start killed the
                 // process if it had one).
-                lock(&self.entries).remove(&id);
-                let _ = self.store.remove(&id);
-                let _ = crate::hostfs::remove::remove_tree(&socket_dir);
+                self.forget(&rec, &socket_dir);
                 tracing::error!(sandbox_id = %id, error = %e, "pod sandbox failed to start");
                 Err(e.into())
             }
         }
+    }
+
+    /// Drops a sandbox that never started, with everything made for it.
+    fn forget(&self, rec: &SandboxRecord, socket_dir: &std::path::Path) {
+        lock(&self.entries).remove(&rec.id);
+        let backend = self.backends.get(rec.backend);
+        if let Err(e) = backend
+            .release_all(&rec.dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.store
+                    .remove_sandbox(&rec.id)
+                    .map_err(|e| e.to_string())
+            })
+        {
+            tracing::warn!(sandbox_id = %rec.id, error = %e, "cleaning up a sandbox that did not start");
+        }
+        let _ = crate::hostfs::remove::remove_tree(socket_dir);
     }
 
     fn handler_names(&self) -> String {
@@ -341,7 +392,8 @@ impl Sandboxes {
             .join(", ")
     }
 
-    /// StopPodSandbox: idempotent for a known sandbox.
+    /// StopPodSandbox: idempotent for a known sandbox. The caller stops
+    /// its containers first.
     pub async fn stop(&self, id: &str) -> Result<(), SandboxError> {
         let id = self.resolve(id)?;
         let entry = self.entry(&id)?;
@@ -357,14 +409,15 @@ impl Sandboxes {
             r.state = SandboxState::NotReady;
             r.reason = Some("stopping".into());
         }
-        self.backends.stop(&rec).await;
-        let mut r = lock(&entry.record);
-        r.state = SandboxState::NotReady;
-        r.reason = Some("stopped".into());
-        r.process = None;
-        let done = r.clone();
-        drop(r);
-        self.store.save(&done)?;
+        entry.backend.stop(&rec).await;
+        let done = {
+            let mut r = lock(&entry.record);
+            r.state = SandboxState::NotReady;
+            r.reason = Some("stopped".into());
+            r.process = None;
+            r.clone()
+        };
+        self.store.save_sandbox(&done)?;
         self.publish(EventKind::Stopped, &done);
         Ok(())
     }
@@ -381,7 +434,16 @@ impl Sandboxes {
         let entry = self.entry(&id)?;
         let _op = entry.op.lock().await;
         let rec = lock(&entry.record).clone();
-        self.store.remove(&id)?;
+        // Unbind what the backend exposed first: removal never deletes
+        // through a mount (a pod's share binds host volumes).
+        entry
+            .backend
+            .release_all(&rec.dir)
+            .map_err(|source| StoreError::Io {
+                path: rec.dir.display().to_string(),
+                source,
+            })?;
+        self.store.remove_sandbox(&id)?;
         if let Some(dir) = rec.agent_socket.parent() {
             let _ = crate::hostfs::remove::remove_tree(dir);
         }
@@ -392,33 +454,36 @@ impl Sandboxes {
 
     /// The sandbox's record, with its readiness re-checked.
     pub fn get(&self, id: &str) -> Result<SandboxRecord, SandboxError> {
+        Ok(self.sandbox(id)?.record)
+    }
+
+    /// The sandbox, with its readiness re-checked.
+    pub fn sandbox(&self, id: &str) -> Result<Sandbox, SandboxError> {
         let id = self.resolve(id)?;
         let entry = self.entry(&id)?;
         let mut r = lock(&entry.record);
-        self.refresh(&mut r);
-        Ok(r.clone())
+        self.refresh(&mut r, entry.backend.as_ref());
+        Ok(Sandbox {
+            record: r.clone(),
+            backend: entry.backend.clone(),
+        })
     }
 
     /// Marks a Ready sandbox whose process died NotReady.
-    fn refresh(&self, r: &mut SandboxRecord) {
-        if r.state == SandboxState::Ready && !r.process.is_some_and(|p| process::alive(&p)) {
+    fn refresh(&self, r: &mut SandboxRecord, backend: &dyn SandboxBackend) {
+        if r.state == SandboxState::Ready && !r.process.is_some_and(|p| backend.alive(&p)) {
             tracing::warn!(sandbox_id = %r.id, "sandbox process exited unexpectedly");
             r.state = SandboxState::NotReady;
-            r.reason = Some(format!("the sandbox's {} exited unexpectedly", what(r)));
+            r.reason = Some(format!(
+                "the sandbox's {} exited unexpectedly",
+                backend.process_name()
+            ));
             r.process = None;
-            if let Err(e) = self.store.save(r) {
+            if let Err(e) = self.store.save_sandbox(r) {
                 tracing::error!(sandbox_id = %r.id, error = %e, "persisting sandbox state");
             }
             self.publish(EventKind::Stopped, r);
         }
-    }
-
-    /// A connection to a Ready sandbox's agent.
-    pub async fn agent(
-        &self,
-        rec: &SandboxRecord,
-    ) -> Result<vmcri_agent_client::Agent, SandboxError> {
-        Ok(self.backends.agent(rec).await?)
     }
 
     /// All sandboxes, readiness re-checked.
@@ -428,64 +493,9 @@ impl Sandboxes {
             .iter()
             .map(|e| {
                 let mut r = lock(&e.record);
-                self.refresh(&mut r);
+                self.refresh(&mut r, e.backend.as_ref());
                 r.clone()
             })
             .collect()
-    }
-}
-
-/// CRI's `NamespaceMode::NODE`: the host's namespace.
-const NODE: i32 = k8s_cri::v1::NamespaceMode::Node as i32;
-
-/// Refuses, before anything starts, the pod-level namespaces a backend
-/// cannot give: a microVM pod has the VM's network, PIDs and IPC, never
-/// the node's; the process backend can share the node's network (for
-/// DaemonSets such as kube-proxy and CNI agents) but not its PIDs or IPC.
-fn check_namespaces(ns: &NamespaceModes, backend: Backend) -> Result<(), SandboxError> {
-    let refuse = |what: &str, why: &str| {
-        Err(SandboxError::Invalid(format!(
-            "RunPodSandbox: {what} is not available {why}"
-        )))
-    };
-    match backend {
-        Backend::Microvm if ns.host_network() => refuse(
-            "host networking (hostNetwork)",
-            "in a microVM pod, whose network is the VM's; run it with a process handler",
-        ),
-        _ if ns.pid == NODE => refuse("the host's PID namespace (hostPID)", "in vmcri"),
-        _ if ns.ipc == NODE => refuse("the host's IPC namespace (hostIPC)", "in vmcri"),
-        _ => Ok(()),
-    }
-}
-
-fn what(rec: &SandboxRecord) -> &'static str {
-    match rec.backend {
-        crate::config::Backend::Microvm => "VMM",
-        crate::config::Backend::Process => "agent",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_namespaces_are_refused_where_the_backend_cannot_give_them() {
-        let ns = |network, pid, ipc| NamespaceModes { network, pid, ipc };
-        let refused = |n: NamespaceModes, b: Backend| {
-            matches!(check_namespaces(&n, b), Err(SandboxError::Invalid(_)))
-        };
-        // hostNetwork: the process backend shares the node's network; a
-        // microVM pod never can.
-        assert!(refused(ns(NODE, 1, 0), Backend::Microvm));
-        assert!(check_namespaces(&ns(NODE, 1, 0), Backend::Process).is_ok());
-        // hostPID and hostIPC: nowhere.
-        for b in [Backend::Microvm, Backend::Process] {
-            assert!(refused(ns(0, NODE, 0), b));
-            assert!(refused(ns(0, 0, NODE), b));
-            // What kubelet sends for an ordinary pod.
-            assert!(check_namespaces(&ns(0, 1, 0), b).is_ok());
-        }
     }
 }

@@ -1,105 +1,29 @@
-//! Sandbox records on disk: one JSON file per sandbox, replaced
-//! atomically (write, fsync, rename), so a daemon killed at any moment
-//! restarts with every record either old or new, never torn.
+//! The daemon's state on disk, in one place: sandbox, container and image
+//! records, each replaced atomically (write, fsync, rename), so a daemon
+//! killed at any moment restarts with every record either old or new,
+//! never torn. [`Store::load`] is the one entry point of recovery.
+//!
+//! ```text
+//! <root>/images.json                          the image table
+//! <root>/sandboxes/<id>/sandbox.json          a sandbox
+//! <root>/sandboxes/<id>/containers/<c>.json   its containers
+//! <root>/sandboxes/<id>/containers/<c>.logpos where each log copy stands
+//! ```
 
-use crate::config::Backend;
-use serde::{Deserialize, Serialize};
+mod container;
+mod image;
+mod sandbox;
+
+pub use container::{ContainerRecord, ContainerState, MountRecord};
+pub use image::ImageRecord;
+pub use sandbox::{NamespaceModes, PodMeta, ProcessRef, SandboxRecord, SandboxState};
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
-
-/// Pod metadata from the CRI request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodMeta {
-    /// Pod name.
-    pub name: String,
-    /// Pod UID.
-    pub uid: String,
-    /// Pod namespace.
-    pub namespace: String,
-    /// Attempt number.
-    pub attempt: u32,
-}
-
-/// Whether a sandbox can run containers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SandboxState {
-    /// Running, its agent answering.
-    Ready,
-    /// Stopped, failed, or its VM/agent died.
-    NotReady,
-}
-
-/// The process behind a sandbox (the VMM, or the agent on the host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRef {
-    /// PID.
-    pub pid: i32,
-    /// Start time in clock ticks since boot (/proc/PID/stat field 22),
-    /// which tells our process from a later one reusing the PID.
-    pub start_ticks: u64,
-}
-
-/// The pod-level namespace modes RunPodSandbox asked for, as CRI's
-/// `NamespaceMode` values (0 POD, 1 CONTAINER, 2 NODE, 3 TARGET), kept to
-/// echo them in PodSandboxStatus: kubelet recreates a sandbox whose
-/// status says otherwise.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NamespaceModes {
-    /// Network namespace mode.
-    pub network: i32,
-    /// PID namespace mode.
-    pub pid: i32,
-    /// IPC namespace mode.
-    pub ipc: i32,
-}
-
-impl NamespaceModes {
-    /// The pod runs on the node's network (`hostNetwork`).
-    pub fn host_network(&self) -> bool {
-        self.network == k8s_cri::v1::NamespaceMode::Node as i32
-    }
-}
-
-/// Everything the daemon knows about a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxRecord {
-    /// Sandbox ID (64 hex digits).
-    pub id: String,
-    /// Pod metadata.
-    pub meta: PodMeta,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Annotations.
-    pub annotations: BTreeMap<String, String>,
-    /// RuntimeClass handler that ran it.
-    pub handler: String,
-    /// Its backend.
-    pub backend: Backend,
-    /// Creation time, nanoseconds since the epoch.
-    pub created_at_ns: i64,
-    /// State.
-    pub state: SandboxState,
-    /// Why it is not ready, if it is not.
-    pub reason: Option<String>,
-    /// Its process, while one runs.
-    pub process: Option<ProcessRef>,
-    /// Where its agent listens (vsock.sock or agent.sock).
-    pub agent_socket: PathBuf,
-    /// Its private directory.
-    pub dir: PathBuf,
-    /// The pod's log directory from kubelet.
-    pub log_directory: String,
-    /// Hostname.
-    pub hostname: String,
-    /// Pod-level namespace modes (records from before they were kept
-    /// read as all-POD, the default).
-    #[serde(default)]
-    pub namespaces: NamespaceModes,
-}
 
 /// Errors of the store.
 #[derive(Debug, Error)]
@@ -113,14 +37,26 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A record that cannot be encoded.
-    #[error("encoding sandbox record: {0}")]
+    #[error("encoding a record: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
-/// The sandbox records under `<root>/sandboxes/`.
+/// Everything recovery starts from, as found on disk.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every readable sandbox record.
+    pub sandboxes: Vec<SandboxRecord>,
+    /// Every readable container record of those sandboxes.
+    pub containers: Vec<ContainerRecord>,
+    /// The image table, by image ID.
+    pub images: BTreeMap<String, ImageRecord>,
+}
+
+/// The records under a state root.
 #[derive(Debug, Clone)]
 pub struct Store {
-    dir: PathBuf,
+    root: PathBuf,
+    sandboxes: PathBuf,
 }
 
 /// Replaces `path` with `data` so that a crash at any moment leaves the
@@ -191,20 +127,39 @@ impl Store {
                 )
             })
             .map_err(io_err(&dir))?;
-        Ok(Store { dir })
+        Ok(Store {
+            root: root.to_path_buf(),
+            sandboxes: dir,
+        })
+    }
+
+    /// Reads every record: what recovery starts from. A record that cannot
+    /// be parsed is reported and skipped, never fatal: one bad file must
+    /// not stop the daemon.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let sandboxes = self.load_sandboxes()?;
+        let containers = sandboxes
+            .iter()
+            .flat_map(|s| container::load_all(&self.sandbox_dir(&s.id)))
+            .collect();
+        Ok(Snapshot {
+            sandboxes,
+            containers,
+            images: image::load(&self.root),
+        })
     }
 
     /// The private directory of sandbox `id`.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
+        self.sandboxes.join(id)
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
-        self.dir.join(id).join("sandbox.json")
+        self.sandbox_dir(id).join("sandbox.json")
     }
 
-    /// Writes `rec` atomically.
-    pub fn save(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+    /// Writes sandbox record `rec` atomically.
+    pub fn save_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(&rec.id);
         private_dirs(&dir).map_err(io_err(&dir))?;
         let path = self.record_path(&rec.id);
@@ -212,44 +167,75 @@ impl Store {
         write_atomically(&path, &data).map_err(io_err(&path))
     }
 
-    /// Removes sandbox `id`'s record and directory.
-    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+    /// Removes sandbox `id`'s directory with its records. Removal stops
+    /// at any mount and never follows a symlink, so the backend must have
+    /// released what it bound there first.
+    pub fn remove_sandbox(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(id);
-        // Unbind the share first; removal never deletes through a mount
-        // (a pod's share binds host volumes) nor follows a symlink.
-        crate::shared::SharedDir::new(&dir)
-            .release_all()
-            .and_then(|()| crate::hostfs::remove::remove_tree(&dir))
-            .map_err(io_err(&dir))
+        crate::hostfs::remove::remove_tree(&dir).map_err(io_err(&dir))
     }
 
-    /// Every readable record. A record that cannot be parsed is reported
-    /// and skipped, never fatal: one bad file must not stop the daemon.
-    pub fn load_all(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+    fn load_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
-            let entry = entry.map_err(io_err(&self.dir))?;
-            let path = entry.path().join("sandbox.json");
-            match std::fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice::<SandboxRecord>(&bytes) {
-                    Ok(rec) => out.push(rec),
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "skipping unreadable sandbox record")
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "skipping unreadable sandbox record")
-                }
+        for entry in std::fs::read_dir(&self.sandboxes).map_err(io_err(&self.sandboxes))? {
+            let entry = entry.map_err(io_err(&self.sandboxes))?;
+            if let Some(rec) = read_record(&entry.path().join("sandbox.json")) {
+                out.push(rec);
             }
         }
         Ok(out)
     }
+
+    /// Writes container record `rec` atomically, beside its sandbox's.
+    pub fn save_container(&self, rec: &ContainerRecord) -> Result<(), StoreError> {
+        container::save(&self.sandbox_dir(&rec.sandbox_id), rec)
+    }
+
+    /// Removes container `id`'s records (and its log position); a record
+    /// already gone is not an error.
+    pub fn remove_container(&self, sandbox_id: &str, id: &str) -> Result<(), StoreError> {
+        container::remove(&self.sandbox_dir(sandbox_id), id)
+    }
+
+    /// Where the log copy of container `id` records its position.
+    pub fn log_position_path(&self, sandbox_id: &str, id: &str) -> PathBuf {
+        container::log_position_path(&self.sandbox_dir(sandbox_id), id)
+    }
+
+    /// Writes the image table atomically.
+    pub fn save_images(&self, images: &BTreeMap<String, ImageRecord>) -> Result<(), StoreError> {
+        image::save(&self.root, images)
+    }
+
+    /// The image table of the state root `root`, read without opening a
+    /// store (`vmcri images prune` runs beside a serving daemon).
+    pub fn read_images(root: &Path) -> BTreeMap<String, ImageRecord> {
+        image::load(root)
+    }
+}
+
+/// A JSON record at `path`: `None` if it is absent, or unreadable (which
+/// is logged).
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "skipping unreadable record");
+            return None;
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(
+            |e| tracing::error!(path = %path.display(), error = %e, "skipping unreadable record"),
+        )
+        .ok()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::Backend;
 
     pub(crate) fn record(id: &str) -> SandboxRecord {
         SandboxRecord {
@@ -333,12 +319,12 @@ pub(crate) mod tests {
                     let mut r = record("same");
                     r.hostname = format!("h{i}");
                     for _ in 0..20 {
-                        store.save(&r).unwrap();
+                        store.save_sandbox(&r).unwrap();
                     }
                 });
             }
         });
-        let all = store.load_all().unwrap();
+        let all = store.load().unwrap().sandboxes;
         assert_eq!(all.len(), 1);
         // No temporary file is left beside the record.
         let left: Vec<_> = std::fs::read_dir(store.sandbox_dir("same"))
@@ -353,27 +339,27 @@ pub(crate) mod tests {
     fn records_round_trip_and_remove() {
         let root = Root::new();
         let store = Store::open(root.path()).unwrap();
-        store.save(&record("a")).unwrap();
+        store.save_sandbox(&record("a")).unwrap();
         let mut b = record("b");
-        store.save(&b).unwrap();
+        store.save_sandbox(&b).unwrap();
         b.state = SandboxState::NotReady;
-        store.save(&b).unwrap();
-        let mut all = store.load_all().unwrap();
+        store.save_sandbox(&b).unwrap();
+        let mut all = store.load().unwrap().sandboxes;
         all.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(all, vec![record("a"), b]);
-        store.remove("a").unwrap();
-        store.remove("a").unwrap();
-        assert_eq!(store.load_all().unwrap().len(), 1);
+        store.remove_sandbox("a").unwrap();
+        store.remove_sandbox("a").unwrap();
+        assert_eq!(store.load().unwrap().sandboxes.len(), 1);
     }
 
     #[test]
     fn a_corrupt_record_is_skipped() {
         let root = Root::new();
         let store = Store::open(root.path()).unwrap();
-        store.save(&record("good")).unwrap();
+        store.save_sandbox(&record("good")).unwrap();
         std::fs::create_dir_all(store.sandbox_dir("bad")).unwrap();
         std::fs::write(store.record_path("bad"), b"{ torn").unwrap();
-        let all = store.load_all().unwrap();
+        let all = store.load().unwrap().sandboxes;
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].id, "good");
     }

@@ -1,0 +1,222 @@
+//! The microVM backend: one `vmcri-vmm` per pod, the agent as the guest's
+//! init, reached over hybrid vsock; a container's files reach the guest
+//! through the pod's [`share`].
+
+pub mod share;
+
+use super::{
+    etc_files, find_binary, socket_dir, stop_process, wait_ready, BackendError, Boot,
+    ContainerContext, Exposed, SandboxBackend, Spawned,
+};
+use crate::config::{Backend, Config, Handler};
+use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
+use share::SharedDir;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use vmcri_agent_client::{Agent, AgentAddr};
+
+/// Pods in microVMs.
+pub struct MicroVm {
+    config: Arc<Config>,
+}
+
+impl MicroVm {
+    /// The backend configured by `config` (`[microvm]`, `[agent]`).
+    pub fn new(config: Arc<Config>) -> MicroVm {
+        MicroVm { config }
+    }
+
+    fn call_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.agent.call_timeout_secs)
+    }
+
+    fn command(&self, rec: &SandboxRecord, handler: &Handler) -> Result<Command, BackendError> {
+        let c = &self.config.microvm;
+        let vmm = find_binary(&c.vmm, "vmcri-vmm")?;
+        let kernel = if c.kernel.as_os_str().is_empty() {
+            newest_cached(
+                &self.config.cache,
+                "kernel",
+                "vmlinux",
+                "guest-kernel/build",
+            )?
+        } else {
+            c.kernel.clone()
+        };
+        let initrd = if c.initrd.as_os_str().is_empty() {
+            newest_cached(
+                &self.config.cache,
+                "agent",
+                "initrd.cpio",
+                "agent/build-initramfs",
+            )?
+        } else {
+            c.initrd.clone()
+        };
+        let shared = SharedDir::new(&rec.dir);
+        shared.prepare().map_err(|source| BackendError::Spawn {
+            what: format!("the pod's share in {}", rec.dir.display()),
+            source,
+        })?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .args([
+                "--memory",
+                &handler.memory_mib.to_string(),
+                "--vcpus",
+                &handler.vcpus.to_string(),
+            ])
+            .arg("--vsock")
+            .arg(&rec.agent_socket)
+            .arg("--serial")
+            .arg(rec.dir.join("console.log"))
+            .arg("--shared-dir")
+            .arg(shared.path())
+            .arg("--cmdline")
+            // The agent sets the guest's hostname from here.
+            .arg(format!("quiet vmcri.hostname={}", rec.hostname));
+        Ok(cmd)
+    }
+}
+
+/// The newest file named `file` in `<cache>/<kind>/*/`.
+fn newest_cached(
+    cache: &Path,
+    kind: &str,
+    file: &str,
+    hint: &str,
+) -> Result<PathBuf, BackendError> {
+    let dir = cache.join(kind);
+    let newest = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(file))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    newest.ok_or_else(|| {
+        BackendError::Missing(format!(
+            "no {file} in {} and none configured: run {hint}",
+            dir.display()
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl SandboxBackend for MicroVm {
+    fn kind(&self) -> Backend {
+        Backend::Microvm
+    }
+
+    fn process_name(&self) -> &'static str {
+        "VMM"
+    }
+
+    fn agent_socket(&self, socket_dir: &Path) -> PathBuf {
+        socket_dir.join("vsock.sock")
+    }
+
+    fn check_namespaces(&self, ns: &NamespaceModes) -> Result<(), BackendError> {
+        if ns.host_network() {
+            return Err(BackendError::Refused(
+                "RunPodSandbox: host networking (hostNetwork) is not available in a microVM \
+                 pod, whose network is the VM's; run it with a process handler"
+                    .into(),
+            ));
+        }
+        ns.refuse_host_pid_and_ipc().map_err(|what| {
+            BackendError::Refused(format!("RunPodSandbox: {what} is not available in vmcri"))
+        })
+    }
+
+    fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf {
+        SharedDir::new(sandbox_dir).etc_dir()
+    }
+
+    async fn start(
+        &self,
+        rec: &SandboxRecord,
+        handler: &Handler,
+        spawned: Spawned<'_>,
+    ) -> Result<ProcessRef, BackendError> {
+        socket_dir(rec)?;
+        let log = rec.dir.join("vmm.log");
+        let cmd = self.command(rec, handler)?;
+        let vmm = cmd.get_program().to_owned();
+        let p = super::host_process::spawn_detached(cmd, &log, || Ok(())).map_err(|source| {
+            BackendError::Spawn {
+                what: Path::new(&vmm).display().to_string(),
+                source,
+            }
+        })?;
+        let boot = Boot {
+            what: "VMM",
+            log,
+            addr: AgentAddr::vm(&rec.agent_socket),
+            ready_within: Duration::from_secs(self.config.microvm.boot_timeout_secs),
+            call_timeout: self.call_timeout(),
+        };
+        wait_ready(rec, p, spawned, boot).await
+    }
+
+    async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {
+        let t = self.call_timeout();
+        Ok(Agent::connect(AgentAddr::vm(&rec.agent_socket), t, t).await?)
+    }
+
+    async fn stop(&self, rec: &SandboxRecord) {
+        let grace = Duration::from_secs(self.config.agent.stop_timeout_secs);
+        stop_process(rec, AgentAddr::vm(&rec.agent_socket), grace).await;
+    }
+
+    fn container_context(&self, rec: &SandboxRecord) -> ContainerContext {
+        let guest_etc = Path::new(share::GUEST_SHARED).join("etc");
+        ContainerContext {
+            etc_files: etc_files(&self.etc_dir(&rec.dir), &guest_etc),
+            in_vm: true,
+            // In a VM the agent is root with every capability.
+            min_oom_score_adj: None,
+        }
+    }
+
+    fn expose(
+        &self,
+        rec: &SandboxRecord,
+        id: &str,
+        layers: &[(String, PathBuf)],
+        mounts: &[k8s_cri::v1::Mount],
+    ) -> Result<Exposed, BackendError> {
+        let shared = SharedDir::new(&rec.dir);
+        let result = (|| {
+            let mut exposed = Exposed::default();
+            for (chain, path) in layers {
+                let hex = chain.trim_start_matches("sha256:");
+                exposed.layers.push(shared.expose_layer(hex, path)?);
+            }
+            for (i, m) in mounts.iter().enumerate() {
+                let source = Path::new(&m.host_path);
+                exposed
+                    .mount_sources
+                    .push(shared.expose_volume(id, i, source, m.readonly)?);
+            }
+            Ok::<_, std::io::Error>(exposed)
+        })();
+        result.map_err(|e| {
+            let _ = shared.release_container(id);
+            BackendError::Expose(e)
+        })
+    }
+
+    fn release_container(&self, rec: &SandboxRecord, id: &str) -> std::io::Result<()> {
+        SharedDir::new(&rec.dir).release_container(id)
+    }
+
+    fn release_all(&self, sandbox_dir: &Path) -> std::io::Result<()> {
+        SharedDir::new(sandbox_dir).release_all()
+    }
+}
