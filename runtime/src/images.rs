@@ -1,6 +1,7 @@
 //! The image service: images pulled into the content store, named by the
 //! references users asked for; their table is kept by the [`Store`].
 
+use crate::lock::lock;
 use crate::store::{ImageRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -52,9 +53,6 @@ pub struct Images {
     pulling: tokio::sync::Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Images {
     /// The images of the state root `root`, whose table `store` keeps and
@@ -289,6 +287,36 @@ fn gc(
         .flat_map(|r| r.chain.iter().filter_map(parse))
         .collect();
     Ok(store.gc(&blobs, &layers)?)
+}
+
+#[cfg(test)]
+impl Images {
+    /// Records an image of no layers whose config is `config`, named
+    /// `name`, as a pull would (tests of the services need an image but
+    /// no registry).
+    pub(crate) fn add_local(&self, name: &str, config: &serde_json::Value) -> ImageRecord {
+        let bytes = serde_json::to_vec(config).expect("a JSON value encodes");
+        let digest = Digest::of(&bytes);
+        self.store
+            .put_blob(&digest, Some(bytes.len() as u64), bytes.as_slice())
+            .expect("the content store takes a blob");
+        let reference = Reference::parse(name).expect("a valid image name");
+        let rec = ImageRecord {
+            id: digest.to_string(),
+            repo_tags: vec![reference.to_string()],
+            repo_digests: Vec::new(),
+            size: bytes.len() as u64,
+            chain: Vec::new(),
+            user: String::new(),
+            blobs: vec![digest.to_string()],
+        };
+        let mut records = lock(&self.records);
+        records.insert(rec.id.clone(), rec.clone());
+        let snapshot = records.clone();
+        drop(records);
+        self.save(&snapshot).expect("the image table saves");
+        rec
+    }
 }
 
 #[cfg(test)]

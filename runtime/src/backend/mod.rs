@@ -311,7 +311,7 @@ async fn stop_process(rec: &SandboxRecord, addr: AgentAddr, grace: Duration) {
 
 /// The pod's /etc files present in `etc`, each with the path the agent
 /// mounts it from (`agent_dir`/name).
-fn etc_files(etc: &Path, agent_dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn etc_files(etc: &Path, agent_dir: &Path) -> Vec<(String, String)> {
     crate::sandbox::pod_files::FILES
         .iter()
         .filter(|(name, _)| etc.join(name).is_file())

@@ -1,0 +1,192 @@
+//! A sandbox backend with no process behind it: each sandbox is a
+//! [`FakeAgent`] on the sandbox's agent socket, and its "process" is a
+//! number this backend calls alive until the sandbox stops or a test
+//! crashes it.
+
+use super::agent::FakeAgent;
+use crate::backend::{BackendError, ContainerContext, Exposed, SandboxBackend, Spawned};
+use crate::config::{Backend, Handler};
+use crate::lock::lock;
+use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use vmcri_agent_client::{Agent, AgentAddr};
+
+/// Sandboxes as in-memory agents.
+pub(crate) struct FakeBackend {
+    agents: Mutex<HashMap<String, FakeAgent>>,
+    alive: Mutex<HashSet<i32>>,
+    next_pid: AtomicI32,
+    /// (sandbox, container) pairs whose files are exposed.
+    exposed: Mutex<BTreeSet<(String, String)>>,
+    /// The next start fails with this message.
+    fail_start: Mutex<Option<String>>,
+}
+
+impl FakeBackend {
+    pub(crate) fn new() -> FakeBackend {
+        FakeBackend {
+            agents: Mutex::new(HashMap::new()),
+            alive: Mutex::new(HashSet::new()),
+            // Far above any real PID: nothing here may name a real process.
+            next_pid: AtomicI32::new(1 << 30),
+            exposed: Mutex::new(BTreeSet::new()),
+            fail_start: Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` on sandbox `id`'s agent.
+    pub(crate) fn with_agent<T>(&self, id: &str, f: impl FnOnce(&FakeAgent) -> T) -> T {
+        let agents = lock(&self.agents);
+        let agent = agents
+            .get(id)
+            .unwrap_or_else(|| panic!("FakeBackend: no agent for sandbox {id}"));
+        f(agent)
+    }
+
+    /// Makes sandbox `rec`'s process die, as a crashed VMM would.
+    pub(crate) fn crash(&self, rec: &SandboxRecord) {
+        if let Some(p) = rec.process {
+            lock(&self.alive).remove(&p.pid);
+        }
+        lock(&self.agents).remove(&rec.id);
+    }
+
+    /// The next start fails with `why`.
+    pub(crate) fn fail_next_start(&self, why: &str) {
+        *lock(&self.fail_start) = Some(why.to_string());
+    }
+
+    /// The containers of sandbox `id` whose files are exposed.
+    pub(crate) fn exposed(&self, id: &str) -> Vec<String> {
+        lock(&self.exposed)
+            .iter()
+            .filter(|(s, _)| s == id)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    fn addr(rec: &SandboxRecord) -> AgentAddr {
+        AgentAddr::Unix(rec.agent_socket.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl SandboxBackend for FakeBackend {
+    fn kind(&self) -> Backend {
+        Backend::Microvm
+    }
+
+    fn process_name(&self) -> &'static str {
+        "VMM"
+    }
+
+    fn agent_socket(&self, socket_dir: &Path) -> PathBuf {
+        socket_dir.join("agent.sock")
+    }
+
+    fn check_namespaces(&self, ns: &NamespaceModes) -> Result<(), BackendError> {
+        ns.refuse_host_pid_and_ipc()
+            .map_err(|what| BackendError::Refused(format!("{what} is not available")))
+    }
+
+    fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf {
+        sandbox_dir.join("etc")
+    }
+
+    async fn start(
+        &self,
+        rec: &SandboxRecord,
+        _handler: &Handler,
+        spawned: Spawned<'_>,
+    ) -> Result<ProcessRef, BackendError> {
+        if let Some(why) = lock(&self.fail_start).take() {
+            return Err(BackendError::Missing(why));
+        }
+        let dir = rec.agent_socket.parent().unwrap_or(Path::new("/"));
+        crate::store::private_dirs(dir).map_err(|source| BackendError::Spawn {
+            what: dir.display().to_string(),
+            source,
+        })?;
+        let p = ProcessRef {
+            pid: self.next_pid.fetch_add(1, Ordering::Relaxed),
+            start_ticks: 1,
+        };
+        lock(&self.alive).insert(p.pid);
+        spawned(p).map_err(|source| BackendError::Spawn {
+            what: "recording the process".into(),
+            source,
+        })?;
+        lock(&self.agents).insert(rec.id.clone(), FakeAgent::serve(&rec.agent_socket));
+        Ok(p)
+    }
+
+    fn alive(&self, p: &ProcessRef) -> bool {
+        lock(&self.alive).contains(&p.pid)
+    }
+
+    fn kill(&self, p: &ProcessRef) {
+        lock(&self.alive).remove(&p.pid);
+    }
+
+    async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {
+        let t = Duration::from_secs(5);
+        Ok(Agent::connect(Self::addr(rec), t, t).await?)
+    }
+
+    async fn stop(&self, rec: &SandboxRecord) {
+        if let Ok(agent) = self.agent(rec).await {
+            let _ = agent.shutdown().await;
+        }
+        let agent = lock(&self.agents).remove(&rec.id);
+        if let Some(agent) = agent {
+            agent.shutdown().await;
+        }
+        if let Some(p) = rec.process {
+            lock(&self.alive).remove(&p.pid);
+        }
+    }
+
+    fn container_context(&self, rec: &SandboxRecord) -> ContainerContext {
+        let etc = self.etc_dir(&rec.dir);
+        ContainerContext {
+            etc_files: crate::backend::etc_files(&etc, &etc),
+            in_vm: true,
+            min_oom_score_adj: None,
+        }
+    }
+
+    fn expose(
+        &self,
+        rec: &SandboxRecord,
+        id: &str,
+        layers: &[(String, PathBuf)],
+        mounts: &[k8s_cri::v1::Mount],
+    ) -> Result<Exposed, BackendError> {
+        lock(&self.exposed).insert((rec.id.clone(), id.to_string()));
+        Ok(Exposed {
+            layers: layers
+                .iter()
+                .map(|(_, p)| p.display().to_string())
+                .collect(),
+            mount_sources: mounts.iter().map(|m| m.host_path.clone()).collect(),
+        })
+    }
+
+    fn release_container(&self, rec: &SandboxRecord, id: &str) -> std::io::Result<()> {
+        lock(&self.exposed).remove(&(rec.id.clone(), id.to_string()));
+        Ok(())
+    }
+
+    fn release_all(&self, sandbox_dir: &Path) -> std::io::Result<()> {
+        let id = sandbox_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        lock(&self.exposed).retain(|(s, _)| *s != id);
+        Ok(())
+    }
+}
