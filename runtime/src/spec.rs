@@ -1102,4 +1102,216 @@ mod tests {
         let e = build("c", &cri::ContainerConfig::default(), &img, &[], &pod()).unwrap_err();
         assert!(e.to_string().contains("no command"), "{e}");
     }
+
+    /// Representative configs whose spec is pinned by a fixture generated
+    /// from the `json!` implementation this module replaced: (name,
+    /// config, pod, where the agent sees each volume).
+    fn fixture_cases() -> Vec<(&'static str, cri::ContainerConfig, PodContext, Vec<String>)> {
+        use cri::security_profile::ProfileType;
+        let sc = |f: &dyn Fn(&mut cri::LinuxContainerSecurityContext)| {
+            let mut sc = cri::LinuxContainerSecurityContext::default();
+            f(&mut sc);
+            Some(cri::LinuxContainerConfig {
+                resources: None,
+                security_context: Some(sc),
+            })
+        };
+        let volume = |dest: &str, host: &str, readonly, propagation| cri::Mount {
+            container_path: dest.into(),
+            host_path: host.into(),
+            readonly,
+            propagation,
+            ..Default::default()
+        };
+        let etc = |root: &str| {
+            ["hosts", "resolv.conf", "hostname"]
+                .iter()
+                .map(|n| (format!("/etc/{n}"), format!("{root}/{n}")))
+                .collect::<Vec<_>>()
+        };
+        let vm = pod();
+        let host = PodContext {
+            in_vm: false,
+            ..pod()
+        };
+        vec![
+            ("plain", cri::ContainerConfig::default(), vm.clone(), vec![]),
+            (
+                "privileged",
+                cri::ContainerConfig {
+                    linux: sc(&|s| s.privileged = true),
+                    ..Default::default()
+                },
+                vm.clone(),
+                vec![],
+            ),
+            (
+                "readonly_rootfs_volumes_etc",
+                cri::ContainerConfig {
+                    mounts: vec![
+                        volume("/data", "/tmp", true, 1),
+                        volume("/cache", "/", false, 0),
+                        // kubelet's managed /etc/hosts wins over the pod's.
+                        volume("/etc/hosts", "/tmp", false, 2),
+                    ],
+                    linux: sc(&|s| {
+                        s.readonly_rootfs = true;
+                        s.seccomp = Some(cri::SecurityProfile {
+                            profile_type: ProfileType::RuntimeDefault as i32,
+                            localhost_ref: String::new(),
+                        });
+                    }),
+                    ..Default::default()
+                },
+                PodContext {
+                    etc_files: etc("/run/vmcri/shared/etc"),
+                    ..vm.clone()
+                },
+                vec![
+                    "/run/vmcri/shared/c1/0".into(),
+                    "/run/vmcri/shared/c1/1".into(),
+                    "/run/vmcri/shared/c1/2".into(),
+                ],
+            ),
+            (
+                "resources",
+                cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        resources: Some(cri::LinuxContainerResources {
+                            cpu_period: 100000,
+                            cpu_quota: 50000,
+                            cpu_shares: 512,
+                            memory_limit_in_bytes: 64 << 20,
+                            memory_swap_limit_in_bytes: 128 << 20,
+                            oom_score_adj: -997,
+                            cpuset_cpus: "0-1".into(),
+                            cpuset_mems: "0".into(),
+                            hugepage_limits: vec![cri::HugepageLimit {
+                                page_size: "2MB".into(),
+                                limit: 0,
+                            }],
+                            unified: [("memory.high".to_string(), "max".to_string())].into(),
+                        }),
+                        security_context: None,
+                    }),
+                    ..Default::default()
+                },
+                vm.clone(),
+                vec![],
+            ),
+            (
+                "resources_empty",
+                cri::ContainerConfig {
+                    linux: Some(cri::LinuxContainerConfig {
+                        resources: Some(cri::LinuxContainerResources::default()),
+                        security_context: None,
+                    }),
+                    ..Default::default()
+                },
+                vm.clone(),
+                vec![],
+            ),
+            (
+                "process_backend",
+                cri::ContainerConfig {
+                    command: vec!["/bin/sh".into()],
+                    args: vec!["-c".into(), "sleep 1".into()],
+                    envs: vec![cri::KeyValue {
+                        key: "A".into(),
+                        value: "b=c".into(),
+                    }],
+                    working_dir: "/srv".into(),
+                    tty: true,
+                    annotations: [("io.example/a".to_string(), "1".to_string())].into(),
+                    mounts: vec![volume("/data", "/tmp", false, 0)],
+                    linux: Some(cri::LinuxContainerConfig {
+                        resources: Some(cri::LinuxContainerResources {
+                            oom_score_adj: -997,
+                            ..Default::default()
+                        }),
+                        security_context: Some(cri::LinuxContainerSecurityContext {
+                            capabilities: Some(cri::Capability {
+                                add_capabilities: vec!["NET_ADMIN".into()],
+                                drop_capabilities: vec!["KILL".into()],
+                                ..Default::default()
+                            }),
+                            namespace_options: Some(cri::NamespaceOption {
+                                pid: 1,
+                                ipc: 0,
+                                ..Default::default()
+                            }),
+                            run_as_user: Some(cri::Int64Value { value: 0 }),
+                            supplemental_groups: vec![5, 10],
+                            no_new_privs: true,
+                            masked_paths: vec!["/proc/kcore".into()],
+                            ..Default::default()
+                        }),
+                    }),
+                    ..Default::default()
+                },
+                PodContext {
+                    etc_files: etc("/var/lib/vmcri/pods/s1/etc"),
+                    min_oom_score_adj: Some(0),
+                    ..host.clone()
+                },
+                vec![],
+            ),
+            (
+                "host_network",
+                cri::ContainerConfig {
+                    linux: sc(&|s| {
+                        s.namespace_options = Some(cri::NamespaceOption {
+                            network: 2,
+                            pid: 1,
+                            ..Default::default()
+                        })
+                    }),
+                    ..Default::default()
+                },
+                PodContext {
+                    host_network: true,
+                    ..host
+                },
+                vec![],
+            ),
+        ]
+    }
+
+    /// The capability sets are sets: their order in the JSON is arbitrary.
+    fn normalized(mut v: Value) -> Value {
+        if let Some(caps) = v["process"]["capabilities"].as_object_mut() {
+            for set in caps.values_mut() {
+                if let Some(a) = set.as_array_mut() {
+                    a.sort_by_key(|c| c.to_string());
+                }
+            }
+        }
+        v
+    }
+
+    fn fixture_path(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/spec/fixtures/{name}.json"))
+    }
+
+    #[test]
+    fn the_spec_is_the_one_the_json_implementation_gave() {
+        let img = image(IMG);
+        let l = layer_with_passwd();
+        let layers = vec![l.path().to_path_buf()];
+        for (name, config, mut pod, sources) in fixture_cases() {
+            pod.mount_sources = sources;
+            let built = build("c1", &config, &img, &layers, &pod).unwrap();
+            let got = normalized(serde_json::from_slice(&built.json).unwrap());
+            if std::env::var_os("VMCRI_WRITE_SPEC_FIXTURES").is_some() {
+                let mut text = serde_json::to_string_pretty(&got).unwrap();
+                text.push('\n');
+                std::fs::write(fixture_path(name), text).unwrap();
+                continue;
+            }
+            let want: Value =
+                serde_json::from_str(&std::fs::read_to_string(fixture_path(name)).unwrap())
+                    .unwrap();
+            assert_eq!(got, normalized(want), "{name}");
+        }
+    }
 }
