@@ -523,7 +523,7 @@ impl Containers {
         }
         let microvm = sandbox.backend == Backend::Microvm;
         let etc = crate::pod_files::host_dir(&sandbox.dir, microvm);
-        let mut pod = PodContext {
+        let pod = PodContext {
             sandbox_id: sandbox_id.clone(),
             etc_files: crate::pod_files::FILES
                 .iter()
@@ -537,7 +537,6 @@ impl Containers {
                     (dest.to_string(), source)
                 })
                 .collect(),
-            mount_sources: Vec::new(),
             in_vm: microvm,
             host_network: sandbox.namespaces.host_network(),
             // In a VM the agent is root with every capability.
@@ -571,9 +570,9 @@ impl Containers {
                     })??
             };
             agent_layers = guest_layers;
-            pod.mount_sources = sources;
-            built = spec::build(&id, &config, &image_config, &layers, &pod)?;
+            built.set_mount_sources(&sources)?;
         }
+        let oci_spec_json = built.to_json()?;
         let rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -633,7 +632,7 @@ impl Containers {
         let _op = entry.op.lock().await;
         let req = pb::CreateContainerRequest {
             container_id: id.clone(),
-            oci_spec_json: built.json,
+            oci_spec_json,
             rootfs_layers: agent_layers,
             mounts: Vec::new(),
             tty: config.tty,
