@@ -414,16 +414,15 @@ impl Containers {
             return Err(e);
         }
         let context = sandbox.backend().container_context(&sandbox.record);
-        let mut pod = PodContext {
+        let pod = PodContext {
             sandbox_id: sandbox_id.clone(),
             etc_files: context.etc_files,
-            mount_sources: Vec::new(),
             in_vm: context.in_vm,
             host_network: sandbox.record.namespaces.host_network(),
             min_oom_score_adj: context.min_oom_score_adj,
         };
         // Validate before anything is exposed to the guest.
-        spec::build(&id, &config, &image_config, &layers, &pod)?;
+        let mut built = spec::build(&id, &config, &image_config, &layers, &pod)?;
         // Mount syscalls block (a volume on a hung NFS server): keep them
         // off the async workers.
         let exposed = {
@@ -442,8 +441,21 @@ impl Containers {
             .await
             .map_err(|e| ContainerError::Io(format!("exposing the container's files: {e}")))??
         };
-        pod.mount_sources = exposed.mount_sources;
-        let built = spec::build(&id, &config, &image_config, &layers, &pod)?;
+        let release = |why: &str| {
+            if let Err(e) = sandbox.backend().release_container(&sandbox.record, &id) {
+                tracing::warn!(sandbox_id = %sandbox_id, container_id = %id, error = %e, "releasing the files of a container {why}");
+            }
+        };
+        let oci_spec_json = match built
+            .set_mount_sources(&exposed.mount_sources)
+            .and_then(|()| built.to_json())
+        {
+            Ok(json) => json,
+            Err(e) => {
+                release("whose spec failed");
+                return Err(e.into());
+            }
+        };
         let rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -478,11 +490,6 @@ impl Containers {
             stdin_once: config.stdin_once,
             tty: config.tty,
         };
-        let release = |why: &str| {
-            if let Err(e) = sandbox.backend().release_container(&sandbox.record, &id) {
-                tracing::warn!(sandbox_id = %sandbox_id, container_id = %id, error = %e, "releasing the files of a container {why}");
-            }
-        };
         // Hold the name while the agent works, so a concurrent create with
         // the same metadata fails instead of racing.
         let entry = {
@@ -499,7 +506,7 @@ impl Containers {
         let _op = entry.op.lock().await;
         let req = pb::CreateContainerRequest {
             container_id: id.clone(),
-            oci_spec_json: built.json,
+            oci_spec_json,
             rootfs_layers: exposed.layers,
             mounts: Vec::new(),
             tty: config.tty,
