@@ -890,12 +890,14 @@ fn with_mounts(
     Ok(volumes)
 }
 
-/// Makes every mount writable, for privileged containers: they may write
-/// sysfs and cgroups. (Every mount, read-only volumes included, as the
-/// untyped implementation did.)
+/// Makes sysfs and cgroups writable, for privileged containers, as runc
+/// and containerd do. Read-only volumes (secrets, configMaps) stay
+/// read-only: privilege is not a licence to write what the pod was given
+/// read-only.
 fn with_writable_mounts(spec: &mut Spec) {
     for m in spec.mounts_mut().iter_mut().flatten() {
-        if let Some(opts) = m.options_mut() {
+        let kernel_fs = matches!(m.typ().as_deref(), Some("sysfs" | "cgroup"));
+        if let (true, Some(opts)) = (kernel_fs, m.options_mut()) {
             opts.retain(|o| o != "ro");
         }
     }
@@ -1779,17 +1781,37 @@ mod tests {
     }
 
     #[test]
-    fn with_writable_mounts_makes_sysfs_and_cgroups_writable() {
+    fn with_writable_mounts_makes_sysfs_and_cgroups_writable_and_nothing_else() {
         let mut spec = base().unwrap();
-        with_mounts(&mut spec, &cri::ContainerConfig::default(), &pod(), false).unwrap();
+        let config = cri::ContainerConfig {
+            mounts: vec![cri::Mount {
+                container_path: "/etc/config".into(),
+                host_path: std::env::temp_dir().display().to_string(),
+                readonly: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        with_mounts(&mut spec, &config, &pod(), false).unwrap();
+        let ro = |spec: &Spec| -> Vec<String> {
+            let mounts = spec.mounts().as_ref().unwrap();
+            mounts
+                .iter()
+                .filter(|m| m.options().iter().flatten().any(|o| o == "ro"))
+                .map(|m| m.destination().display().to_string())
+                .collect()
+        };
+        let before = ro(&spec);
+        assert!(before.contains(&"/sys/fs/cgroup".to_string()), "{before:?}");
         with_writable_mounts(&mut spec);
-        let mounts = spec.mounts().as_ref().unwrap();
-        assert!(mounts
-            .iter()
-            .any(|m| m.destination() == Path::new("/sys/fs/cgroup")));
-        for m in mounts {
-            assert!(!m.options().iter().flatten().any(|o| o == "ro"), "{m:?}");
-        }
+        let after = ro(&spec);
+        // A read-only volume (a secret, a configMap) stays read-only.
+        let expected: Vec<String> = before
+            .into_iter()
+            .filter(|d| d != "/sys" && d != "/sys/fs/cgroup")
+            .collect();
+        assert_eq!(after, expected);
+        assert_eq!(after, vec!["/etc/config".to_string()]);
     }
 
     #[test]
