@@ -53,7 +53,6 @@ pub struct Images {
     pulling: tokio::sync::Mutex<()>,
 }
 
-
 impl Images {
     /// The images of the state root `root`, whose table `store` keeps and
     /// recovery read as `records`.

@@ -18,3 +18,5 @@ pub mod sandbox;
 pub mod socket;
 pub mod store;
 pub mod streams;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -332,7 +332,10 @@ mod tests {
     fn node_namespaces_are_refused_where_the_backend_cannot_give_them() {
         let config = Arc::new(Config::load(None).unwrap());
         let backends = Backends::new(config);
-        let (vm, host) = (backends.get(Backend::Microvm), backends.get(Backend::Process));
+        let (vm, host) = (
+            backends.get(Backend::Microvm),
+            backends.get(Backend::Process),
+        );
         let ns = |network, pid, ipc| NamespaceModes { network, pid, ipc };
         let refused = |b: &Arc<dyn SandboxBackend>, n: NamespaceModes| {
             matches!(b.check_namespaces(&n), Err(BackendError::Refused(_)))

@@ -1613,7 +1613,8 @@ mod tests {
     }
 
     fn fixture_path(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/container/spec/fixtures/{name}.json"))
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("src/container/spec/fixtures/{name}.json"))
     }
 
     #[test]

@@ -9,6 +9,8 @@ mod convert;
 mod errors;
 mod image;
 mod runtime;
+#[cfg(test)]
+mod tests;
 
 use crate::config::Config;
 use crate::container::Containers;

@@ -17,6 +17,9 @@ use vmcri_agent_client::{Agent, AgentAddr};
 
 /// Sandboxes as in-memory agents.
 pub(crate) struct FakeBackend {
+    /// Where the agents run: a runtime of their own, so they outlive the
+    /// daemon's (a test restarts the daemon by dropping its runtime).
+    agents_runtime: Option<tokio::runtime::Runtime>,
     agents: Mutex<HashMap<String, FakeAgent>>,
     alive: Mutex<HashSet<i32>>,
     next_pid: AtomicI32,
@@ -28,7 +31,13 @@ pub(crate) struct FakeBackend {
 
 impl FakeBackend {
     pub(crate) fn new() -> FakeBackend {
+        let agents_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the fake agents");
         FakeBackend {
+            agents_runtime: Some(agents_runtime),
             agents: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashSet::new()),
             // Far above any real PID: nothing here may name a real process.
@@ -71,6 +80,16 @@ impl FakeBackend {
 
     fn addr(rec: &SandboxRecord) -> AgentAddr {
         AgentAddr::Unix(rec.agent_socket.clone())
+    }
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        lock(&self.agents).clear();
+        if let Some(rt) = self.agents_runtime.take() {
+            // Dropping a runtime blocks, which async tests may not.
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -120,7 +139,11 @@ impl SandboxBackend for FakeBackend {
             what: "recording the process".into(),
             source,
         })?;
-        lock(&self.agents).insert(rec.id.clone(), FakeAgent::serve(&rec.agent_socket));
+        let agent = {
+            let _on = self.agents_runtime.as_ref().map(|rt| rt.enter());
+            FakeAgent::serve(&rec.agent_socket)
+        };
+        lock(&self.agents).insert(rec.id.clone(), agent);
         Ok(p)
     }
 
@@ -141,10 +164,8 @@ impl SandboxBackend for FakeBackend {
         if let Ok(agent) = self.agent(rec).await {
             let _ = agent.shutdown().await;
         }
-        let agent = lock(&self.agents).remove(&rec.id);
-        if let Some(agent) = agent {
-            agent.shutdown().await;
-        }
+        // Dropping it stops its server.
+        lock(&self.agents).remove(&rec.id);
         if let Some(p) = rec.process {
             lock(&self.alive).remove(&p.pid);
         }
