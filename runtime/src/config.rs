@@ -192,6 +192,7 @@ pub struct StreamingConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[agent]`: deadlines of calls into sandboxes' agents.
 pub struct AgentConfig {
     /// Per-call deadline.
     pub call_timeout_secs: u64,

@@ -8,7 +8,7 @@ pub fn new_id() -> String {
     if usize::try_from(n).ok() != Some(b.len()) {
         // getrandom(2) does not fail for 32 bytes once the pool is up;
         // fall back to time and PID rather than refusing the pod.
-        let seed = now_ns().unsigned_abs() as u128 ^ (u128::from(std::process::id()) << 64);
+        let seed = u128::from(now_ns().unsigned_abs()) ^ (u128::from(std::process::id()) << 64);
         b[..16].copy_from_slice(&seed.to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()

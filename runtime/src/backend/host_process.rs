@@ -49,7 +49,8 @@ pub fn spawn_detached(
         });
     }
     let mut child = cmd.spawn()?;
-    let pid = child.id() as i32;
+    let pid = i32::try_from(child.id())
+        .map_err(|_| std::io::Error::other(format!("PID {} does not fit a pid_t", child.id())))?;
     // Reap it when it exits, for as long as this daemon lives; after a
     // daemon restart the process is no longer our child.
     std::thread::Builder::new()

@@ -767,8 +767,9 @@ impl Containers {
         let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
         let resources = pb::Resources {
             cpu_quota: r.cpu_quota,
-            cpu_period: r.cpu_period as u64,
-            cpu_shares: r.cpu_shares as u64,
+            // Checked non-negative above.
+            cpu_period: r.cpu_period.unsigned_abs(),
+            cpu_shares: r.cpu_shares.unsigned_abs(),
             cpuset_cpus: r.cpuset_cpus.clone(),
             cpuset_mems: r.cpuset_mems.clone(),
             memory_limit_bytes: r.memory_limit_in_bytes,

@@ -163,7 +163,7 @@ impl RuntimeService for Cri {
         req: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
         let req = req.into_inner();
-        let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+        let timeout = std::time::Duration::from_secs(req.timeout.max(0).unsigned_abs());
         self.containers.stop(&req.container_id, timeout).await?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
@@ -265,7 +265,7 @@ impl RuntimeService for Cri {
             .exec_sync(
                 &req.container_id,
                 req.cmd,
-                std::time::Duration::from_secs(req.timeout as u64),
+                std::time::Duration::from_secs(req.timeout.unsigned_abs()),
             )
             .await?;
         Ok(Response::new(cri::ExecSyncResponse {

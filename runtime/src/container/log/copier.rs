@@ -104,7 +104,9 @@ pub(crate) async fn copy_output(
                 let Some(Ok(mut chunk)) = chunk else { return };
                 // A resumed stream may start before what we hold.
                 if chunk.offset < pos.offset {
-                    let skip = (pos.offset - chunk.offset).min(chunk.data.len() as u64) as usize;
+                    // At most the chunk's length, so it fits a usize.
+                    let behind = usize::try_from(pos.offset - chunk.offset).unwrap_or(usize::MAX);
+                    let skip = behind.min(chunk.data.len());
                     chunk.data.drain(..skip);
                     chunk.offset += skip as u64;
                 }
