@@ -480,7 +480,7 @@ fn daemon_kill_9_keeps_containers_running_and_logging() {
             .collect();
         assert_eq!(
             ticks,
-            (1..=ticks.len() as u32).collect::<Vec<_>>(),
+            (1..=u32::try_from(ticks.len()).unwrap()).collect::<Vec<_>>(),
             "ticks lost or repeated across the restart"
         );
         let r = exec(&mut rt, &ticker, &["echo", "still here"], 10)

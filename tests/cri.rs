@@ -95,7 +95,7 @@ const NOTREADY: i32 = cri::PodSandboxState::SandboxNotready as i32;
 
 fn verbose_pid(s: &cri::PodSandboxStatusResponse) -> Option<i32> {
     let v: serde_json::Value = serde_json::from_str(s.info.get("info")?).ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
+    v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
 }
 
 fn rt() -> tokio::runtime::Runtime {

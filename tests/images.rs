@@ -465,7 +465,9 @@ fn an_interrupted_pull_resumes_from_the_blobs_it_verified() {
     use std::os::unix::fs::MetadataExt;
     let scratch = Scratch::new("images-resume").unwrap();
     let registry = start_registry(&scratch.0);
-    let big: Vec<u8> = (0..(2 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let big: Vec<u8> = (0u32..(2 << 20))
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect();
     let layers: [&[Entry]; 3] = [
         &[Entry::File("one", &big, 0o644)],
         &[Entry::File("two", b"second layer", 0o644)],

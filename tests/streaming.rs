@@ -293,7 +293,7 @@ async fn streams_work(rt: &mut RuntimeServiceClient<Channel>, pod: &Pod, logs: &
     // Port-forward over SPDY: concurrent connections to a server inside
     // the pod, data intact both ways; a closed port answers on the error
     // stream instead of hanging.
-    let big: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..251u8).cycle().take(256 * 1024).collect();
     let url = forward_url(rt, &pod.id, &[]).await;
     let conns = [
         (8080, b"one".to_vec()),

@@ -3,39 +3,41 @@
 //! syscalls only: in this machine's guest one fork+exec costs over a
 //! second.
 
-use std::ffi::CString;
+use rustix::io::Errno;
+use rustix::mount::MountFlags;
+use rustix::process::{Pid, WaitOptions};
+use std::ffi::{CStr, CString};
 use std::io;
 
+/// nosuid, nodev, noexec: the flags of the kernel's own filesystems.
+const NOSUID_NODEV_NOEXEC: MountFlags = MountFlags::NOSUID
+    .union(MountFlags::NODEV)
+    .union(MountFlags::NOEXEC);
+
 /// A mount made at boot: (source, target, fstype, flags, data).
-const BOOT_MOUNTS: &[(&str, &str, &str, libc::c_ulong, &str)] = &[
+const BOOT_MOUNTS: &[(&str, &str, &str, MountFlags, &CStr)] = &[
+    ("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, c""),
+    ("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, c""),
     (
-        "proc",
-        "/proc",
-        "proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MountFlags::NOSUID,
+        c"mode=0755",
     ),
-    (
-        "sysfs",
-        "/sys",
-        "sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
-    ),
-    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
     (
         "tmpfs",
         "/run",
         "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755",
+        MountFlags::NOSUID.union(MountFlags::NODEV),
+        c"mode=0755",
     ),
     (
         "cgroup2",
         "/sys/fs/cgroup",
         "cgroup2",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
+        NOSUID_NODEV_NOEXEC,
+        c"",
     ),
 ];
 
@@ -51,27 +53,17 @@ fn cstr(s: &str) -> io::Result<CString> {
 pub fn leave_initramfs() -> io::Result<()> {
     const NEW_ROOT: &str = "/.vmcri-root";
     std::fs::create_dir_all(NEW_ROOT)?;
-    mount_one("vmcri-root", NEW_ROOT, "tmpfs", 0, "mode=0755")?;
+    mount_one(
+        "vmcri-root",
+        NEW_ROOT,
+        "tmpfs",
+        MountFlags::empty(),
+        c"mode=0755",
+    )?;
     std::env::set_current_dir(NEW_ROOT)?;
-    let dot = cstr(".")?;
-    let slash = cstr("/")?;
-    // SAFETY: valid NUL-terminated strings; MS_MOVE of the mount we made.
-    if unsafe {
-        libc::mount(
-            dot.as_ptr(),
-            slash.as_ptr(),
-            std::ptr::null(),
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: chroot to the current directory, now mounted on /.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // MS_MOVE of the mount we made onto /, then chroot into it.
+    rustix::mount::mount_move(c".", c"/")?;
+    rustix::process::chroot(c".")?;
     std::env::set_current_dir("/")
 }
 
@@ -80,20 +72,11 @@ pub fn leave_initramfs() -> io::Result<()> {
 pub fn mount_filesystems() -> io::Result<()> {
     for (source, target, fstype, flags, data) in BOOT_MOUNTS {
         std::fs::create_dir_all(target)?;
-        let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
-        // SAFETY: valid NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                s.as_ptr(),
-                t.as_ptr(),
-                f.as_ptr(),
-                *flags,
-                d.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EBUSY) {
+        let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+        match rustix::mount::mount(s, t, f, *flags, *data) {
+            Ok(()) | Err(Errno::BUSY) => {}
+            Err(errno) => {
+                let err = io::Error::from(errno);
                 return Err(io::Error::new(
                     err.kind(),
                     format!("mount {fstype} on {target}: {err}"),
@@ -129,8 +112,8 @@ pub fn mount_shared() -> io::Result<bool> {
         SHARED_TAG,
         SHARED_DIR,
         "virtiofs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "",
+        MountFlags::NOSUID.union(MountFlags::NODEV),
+        c"",
     )?;
     Ok(true)
 }
@@ -146,41 +129,53 @@ pub fn hostname_from_cmdline() -> io::Result<()> {
     else {
         return Ok(());
     };
-    // SAFETY: a valid buffer and its length.
-    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::system::sethostname(name.as_bytes())?;
     Ok(())
 }
 
+// SIOCGIFFLAGS and SIOCSIFFLAGS: neither nix nor rustix wraps interface
+// flags, so the two ioctls are declared with nix's macros (over libc's
+// ifreq) rather than called through libc.
+nix::ioctl_readwrite_bad!(
+    /// SIOCGIFFLAGS: reads the flags of the interface `ifr_name` names.
+    get_if_flags,
+    libc::SIOCGIFFLAGS,
+    libc::ifreq
+);
+nix::ioctl_write_ptr_bad!(
+    /// SIOCSIFFLAGS: sets the flags of the interface `ifr_name` names.
+    set_if_flags,
+    libc::SIOCSIFFLAGS,
+    libc::ifreq
+);
+
 /// Brings `lo` up with an ioctl (no netlink needed for one flag).
 pub fn loopback_up() -> io::Result<()> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    use std::os::fd::AsRawFd;
+    let sock = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     // SAFETY: ifreq is plain data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+        *dst = src.cast_signed();
     }
-    // SAFETY: fd is a socket we own; req is a valid ifreq.
-    let result = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req) < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        }
-    };
-    // SAFETY: closing the fd we opened.
-    unsafe { libc::close(fd) };
-    result
+    // SAFETY: `sock` is an open socket; `req` is a valid ifreq, named and
+    // big enough for SIOCGIFFLAGS to fill in its flags.
+    unsafe { get_if_flags(sock.as_raw_fd(), &mut req) }?;
+    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING)
+        .expect("IFF_UP and IFF_RUNNING fit ifr_flags");
+    // SAFETY: SIOCGIFFLAGS set the flags member of the union, so reading
+    // it reads what the kernel wrote.
+    unsafe { req.ifr_ifru.ifru_flags |= up };
+    // SAFETY: `sock` is an open socket; `req` is a valid ifreq that
+    // SIOCSIFFLAGS only reads. The socket closes when `sock` drops.
+    unsafe { set_if_flags(sock.as_raw_fd(), &req) }?;
+    Ok(())
 }
 
 /// True when our children would land in another PID namespace than ours
@@ -202,36 +197,37 @@ pub fn pid_namespace_pending() -> bool {
 /// exits with its status. The child dies with the parent, so killing the
 /// tracked PID ends the pod.
 pub fn become_namespace_init() -> bool {
-    // SAFETY: fork before any thread exists (main calls this first).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: prctl with constant arguments.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-        return true;
-    }
-    if pid < 0 {
-        eprintln!(
-            "vmcri-agent: fork into the PID namespace: {}",
-            io::Error::last_os_error()
-        );
-        std::process::exit(1);
-    }
-    let mut status = 0;
-    loop {
-        // SAFETY: waitpid on our child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+    // SAFETY: fork before any thread exists (main calls this first), so
+    // the child is a copy of a single-threaded process.
+    let child = match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let _ = rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ));
+            return true;
         }
-        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        Ok(nix::unistd::ForkResult::Parent { child }) => Pid::from_raw(child.as_raw()),
+        Err(e) => {
+            eprintln!("vmcri-agent: fork into the PID namespace: {e}");
             std::process::exit(1);
         }
-    }
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
     };
+    // A parent's fork returns the child's PID, which is positive.
+    let Some(child) = child else {
+        std::process::exit(1);
+    };
+    let status = loop {
+        // rustix's waitpid keeps the raw status; nix's cannot express a
+        // child killed by a real-time signal.
+        match rustix::process::waitpid(Some(child), WaitOptions::empty()) {
+            Ok(Some((_, status))) => break status,
+            Ok(None) | Err(Errno::INTR) => {}
+            Err(_) => std::process::exit(1),
+        }
+    };
+    let code = status
+        .exit_status()
+        .unwrap_or_else(|| 128 + status.terminating_signal().unwrap_or(0));
     std::process::exit(code);
 }
 
@@ -239,31 +235,20 @@ fn mount_one(
     source: &str,
     target: &str,
     fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
+    flags: MountFlags,
+    data: &CStr,
 ) -> io::Result<()> {
-    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("mount {fstype} on {target}: {e}"),
-        ));
-    }
-    Ok(())
+    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+    rustix::mount::mount(s, t, f, flags, data).map_err(|errno| {
+        let e = io::Error::from(errno);
+        io::Error::new(e.kind(), format!("mount {fstype} on {target}: {e}"))
+    })
 }
 
 /// Mounts a procfs of our PID namespace on /proc (our mount namespace is
 /// private, so the host's /proc is untouched).
 pub fn mount_private_proc() -> io::Result<()> {
-    mount_one(
-        "proc",
-        "/proc",
-        "proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
-    )
+    mount_one("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, c"")
 }
 
 /// Mounts a tmpfs on `dir`: container writable layers live in memory
@@ -277,27 +262,28 @@ pub fn mount_state_tmpfs(dir: &std::path::Path) -> io::Result<()> {
         "vmcri",
         target,
         "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0700",
+        MountFlags::NOSUID.union(MountFlags::NODEV),
+        c"mode=0700",
     )
 }
 
 /// A close-on-exec duplicate of stderr (stderr itself if dup fails).
 pub fn private_stderr() -> std::fs::File {
     use std::os::fd::FromRawFd;
-    // SAFETY: F_DUPFD_CLOEXEC on fd 2 returns a new descriptor we own.
-    let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
-    let fd = if fd < 0 { 2 } else { fd };
-    // SAFETY: fd is open and from here owned by the File.
-    unsafe { std::fs::File::from_raw_fd(fd) }
+    match rustix::io::fcntl_dupfd_cloexec(io::stderr(), 3) {
+        Ok(fd) => fd.into(),
+        // SAFETY: fd 2 is open for the agent's whole life (the kernel's
+        // console for PID 1, the runtime's log file in the process
+        // backend) and nothing else closes it, so the File may own it.
+        Err(_) => unsafe { std::fs::File::from_raw_fd(2) },
+    }
 }
 
 /// Syncs filesystems and reboots the guest, which ends the VM.
 pub fn reboot() -> io::Error {
-    // SAFETY: plain syscalls with constant arguments.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::LINUX_REBOOT_CMD_RESTART);
+    rustix::fs::sync();
+    match rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+        Ok(()) => io::Error::other("reboot returned"),
+        Err(errno) => errno.into(),
     }
-    io::Error::last_os_error()
 }

@@ -68,7 +68,7 @@ fn stats_pb(s: &cgroup::Stats) -> pb::CgroupStats {
         memory_major_page_faults: s.major_page_faults,
         pids_current: s.pids,
         oom_kills: s.oom_kills,
-        timestamp_ns: process::now_ns(),
+        timestamp_ns: vmcri_proto::now_ns(),
     }
 }
 
@@ -82,41 +82,32 @@ fn not_yet(rpc: &str) -> Status {
 }
 
 fn uptime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    // Both fields are non-negative for CLOCK_BOOTTIME.
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1000 + nanos / 1_000_000
 }
 
 fn kernel_release() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return String::new();
-    }
-    let bytes: Vec<u8> = u
-        .release
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn memory_bytes() -> u64 {
-    // SAFETY: sysinfo is plain data; sysinfo(2) fills it.
-    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    if unsafe { libc::sysinfo(&mut si) } != 0 {
-        return 0;
-    }
-    (si.totalram as u64).saturating_mul(u64::from(si.mem_unit))
+    let si = rustix::system::sysinfo();
+    si.totalram.saturating_mul(u64::from(si.mem_unit))
+}
+
+/// Online CPUs. sysconf(_SC_NPROCESSORS_ONLN) through nix (rustix has no
+/// sysconf); 0 if unknown.
+fn online_cpus() -> u32 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
 }
 
 #[tonic::async_trait]
@@ -134,8 +125,7 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::GuestInfoRequest>,
     ) -> Result<Response<pb::GuestInfo>, Status> {
-        // SAFETY: sysconf with a constant name.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0) as u32;
+        let cpus = online_cpus();
         Ok(Response::new(pb::GuestInfo {
             api_version: AGENT_API_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -173,7 +163,7 @@ impl Agent for AgentService {
             let filler = vec![0x5a_u8; chunk as usize];
             let mut left = req.bytes;
             while left > 0 {
-                let n = left.min(u64::from(chunk)) as usize;
+                let n = usize::try_from(left).map_or(filler.len(), |l| l.min(filler.len()));
                 if tx
                     .send(Ok(pb::ProbeChunk {
                         data: filler[..n].to_vec(),

@@ -2,7 +2,7 @@
 //! host (the `process` backend and tests).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{ready, Context, Poll};
@@ -54,24 +54,17 @@ impl VsockConn {
     }
 }
 
-fn fd_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for buf.len() bytes.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn fd_read(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(rustix::io::read(fd, buf)?)
 }
 
-fn fd_write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for buf.len() bytes; MSG_NOSIGNAL avoids SIGPIPE.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn fd_write(fd: impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    // MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
+    Ok(rustix::net::send(
+        fd,
+        buf,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?)
 }
 
 impl AsyncRead for VsockConn {
@@ -83,7 +76,7 @@ impl AsyncRead for VsockConn {
         loop {
             let mut guard = ready!(self.inner.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|inner| fd_read(inner.as_raw_fd(), unfilled)) {
+            match guard.try_io(|inner| fd_read(inner.get_ref(), unfilled)) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -103,7 +96,7 @@ impl AsyncWrite for VsockConn {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.inner.poll_write_ready(cx))?;
-            match guard.try_io(|inner| fd_write(inner.as_raw_fd(), buf)) {
+            match guard.try_io(|inner| fd_write(inner.get_ref(), buf)) {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
             }

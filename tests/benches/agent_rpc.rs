@@ -42,7 +42,7 @@ async fn measure(agent: &Agent) -> Figures {
     Figures {
         p50: rtts[rtts.len() / 2],
         p99: rtts[rtts.len() * 99 / 100],
-        mb_per_s: STREAM_BYTES as f64 / (1 << 20) as f64 / secs,
+        mb_per_s: STREAM_BYTES as f64 / f64::from(1 << 20) / secs,
     }
 }
 

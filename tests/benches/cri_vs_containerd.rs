@@ -61,7 +61,8 @@ fn multi_layer(dir: &Path, seed: usize) -> PathBuf {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                state as u8
+                // The low byte of the xorshift state.
+                state.to_le_bytes()[0]
             })
             .collect()
     };
@@ -340,7 +341,7 @@ async fn stream_figures(
         assert_eq!(o.exit_code(), Some(0), "{o:?}");
         trips.push(t.elapsed());
     }
-    let payload: Vec<u8> = (0..mib << 20).map(|i| (i % 253) as u8).collect();
+    let payload: Vec<u8> = (0..253u8).cycle().take(mib << 20).collect();
     let mut last = String::new();
     for _ in 0..100 {
         let url = cri

@@ -566,7 +566,7 @@ pub async fn ws_forward(url: &str, conns: &[(u16, Vec<u8>, usize)]) -> Result<Ve
     let mut results = vec![Forwarded::default(); conns.len()];
     let mut prefixes = vec![0usize; conns.len() * 2];
     for (i, (_, payload, _)) in conns.iter().enumerate() {
-        let mut m = vec![(2 * i) as u8];
+        let mut m = vec![u8::try_from(2 * i).context("too many ports for one-byte channels")?];
         m.extend_from_slice(payload);
         ws.send(Message::Binary(m.into())).await?;
     }

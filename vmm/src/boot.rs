@@ -119,13 +119,16 @@ pub fn load_initrd(
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
     let room = low_ram_end.saturating_sub(kernel_end.next_multiple_of(PAGE_SIZE));
-    if size == 0 || size > room || size > MAX_INITRD_SIZE {
-        return Err(BootError::InitrdSize {
-            path: name,
-            size,
-            room,
-        });
-    }
+    let len = match usize::try_from(size) {
+        Ok(len) if size != 0 && size <= room && size <= MAX_INITRD_SIZE => len,
+        _ => {
+            return Err(BootError::InitrdSize {
+                path: name,
+                size,
+                room,
+            })
+        }
+    };
     file.rewind().map_err(read_err)?;
     let mut magic = [0u8; 6];
     file.read_exact(&mut magic).map_err(read_err)?;
@@ -134,7 +137,7 @@ pub fn load_initrd(
     }
     file.rewind().map_err(read_err)?;
     let addr = GuestAddress((low_ram_end - size) & !(PAGE_SIZE - 1));
-    mem.read_exact_volatile_from(addr, &mut file, size as usize)
+    mem.read_exact_volatile_from(addr, &mut file, len)
         .map_err(BootError::GuestMemory)?;
     Ok((addr, size))
 }
@@ -182,7 +185,8 @@ pub fn write_pvh_info(
         cmdline_paddr: layout::CMDLINE_ADDR,
         rsdp_paddr: 0,
         memmap_paddr: layout::PVH_MEMMAP_ADDR,
-        memmap_entries: e820.len().min(layout::MAX_E820_ENTRIES) as u32,
+        memmap_entries: u32::try_from(e820.len().min(layout::MAX_E820_ENTRIES))
+            .expect("MAX_E820_ENTRIES fits u32"),
         reserved: 0,
     };
     mem.write_obj(start_info, GuestAddress(layout::PVH_START_INFO_ADDR))?;

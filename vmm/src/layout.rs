@@ -82,9 +82,10 @@ pub fn ram_regions(mem_mib: u64) -> Result<Vec<(GuestAddress, usize)>, LayoutErr
     }
     let bytes = mem_mib << 20;
     let low = bytes.min(MMIO_GAP_START);
-    let mut regions = vec![(GuestAddress(0), low as usize)];
+    let size = |n: u64| usize::try_from(n).map_err(|_| LayoutError::MemorySize(mem_mib));
+    let mut regions = vec![(GuestAddress(0), size(low)?)];
     if bytes > low {
-        regions.push((GuestAddress(MMIO_GAP_END), (bytes - low) as usize));
+        regions.push((GuestAddress(MMIO_GAP_END), size(bytes - low)?));
     }
     Ok(regions)
 }

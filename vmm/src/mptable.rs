@@ -51,7 +51,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(MpTableError::VcpuCount(vcpus));
     }
-    let config_addr = MPTABLE_ADDR as u32 + 16;
+    let config_addr = u32::try_from(MPTABLE_ADDR).expect("the MP table lies below 1 MiB") + 16;
     let ioapic_id = vcpus;
 
     let mut entries = Vec::new();
@@ -83,7 +83,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
 
     let mut header = Vec::with_capacity(44);
     header.extend_from_slice(b"PCMP");
-    let length = (44 + entries.len()) as u16;
+    let length = u16::try_from(44 + entries.len()).map_err(|_| MpTableError::VcpuCount(vcpus))?;
     header.extend_from_slice(&length.to_le_bytes());
     header.push(MPC_SPEC_REV);
     header.push(0); // checksum, below
@@ -122,8 +122,8 @@ mod tests {
             let t = build(vcpus).unwrap();
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[0..16]), 0, "floating pointer checksum");
-            let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
-            let config = &t[(ptr - MPTABLE_ADDR) as usize..];
+            let ptr = u64::from(u32::from_le_bytes(t[4..8].try_into().unwrap()));
+            let config = &t[usize::try_from(ptr - MPTABLE_ADDR).unwrap()..];
             assert_eq!(&config[0..4], b"PCMP");
             let len = u16::from_le_bytes([config[4], config[5]]) as usize;
             assert_eq!(len, config.len());

@@ -70,11 +70,11 @@ fn segment(selector: u16, type_: u8, s: u8, db: u8, g: u8, limit: u32) -> kvm_se
 fn set_lvt(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
     let mut bytes = [0u8; 4];
     for (b, r) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
-        *b = *r as u8;
+        *b = r.cast_unsigned();
     }
     let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
     for (r, b) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
-        *r = b as std::os::raw::c_char;
+        *r = b.cast_signed();
     }
 }
 
@@ -129,7 +129,8 @@ impl Vcpu {
             sregs.ss = data;
             sregs.tr = segment(0x18, 0xb, 0, 0, 0, 0xfffff);
             sregs.gdt.base = layout::BOOT_GDT_ADDR;
-            sregs.gdt.limit = (crate::boot::BOOT_GDT.len() * 8 - 1) as u16;
+            sregs.gdt.limit = u16::try_from(crate::boot::BOOT_GDT.len() * 8 - 1)
+                .expect("the boot GDT has four entries");
             sregs.idt.base = 0;
             sregs.idt.limit = 0;
             sregs.cr0 = CR0_PE_ET;
@@ -252,12 +253,12 @@ mod tests {
             .iter_mut()
             .zip(0x0001_0030u32.to_le_bytes())
         {
-            *r = b as std::os::raw::c_char;
+            *r = b.cast_signed();
         }
         set_lvt(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
         let bytes: Vec<u8> = regs[APIC_LVT0..APIC_LVT0 + 4]
             .iter()
-            .map(|c| *c as u8)
+            .map(|c| c.cast_unsigned())
             .collect();
         assert_eq!(u32::from_le_bytes(bytes.try_into().unwrap()), 0x0001_0730);
     }

@@ -190,7 +190,8 @@ impl Vm {
                 .get_host_address(region.start_addr())
                 .map_err(|e| BuildError::Memory(e.to_string()))?;
             let kvm_region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: u32::try_from(slot)
+                    .map_err(|_| BuildError::Memory("too many memory regions".into()))?,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -239,10 +240,11 @@ impl Vm {
         }
         let mut mmio_args = Vec::new();
         for (i, device) in virtio.into_iter().enumerate() {
-            let irq = VIRTIO_FIRST_IRQ + i as u32;
-            if irq > LAST_IRQ {
-                return Err(BuildError::TooManyDevices);
-            }
+            let irq = u32::try_from(i)
+                .ok()
+                .and_then(|i| VIRTIO_FIRST_IRQ.checked_add(i))
+                .filter(|irq| *irq <= LAST_IRQ)
+                .ok_or(BuildError::TooManyDevices)?;
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let line = Arc::new(IrqLine::new(irq).map_err(io_err("virtio eventfd"))?);
             vm.register_irqfd(line.eventfd(), irq)

@@ -99,17 +99,13 @@ impl Drop for ConsoleSocket {
 
 /// Sets the terminal's window size.
 pub fn resize(master: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
-    let size = libc::winsize {
+    let size = rustix::termios::Winsize {
         ws_row: rows,
         ws_col: cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::termios::tcsetwinsize(master, size)?)
 }
 
 #[cfg(test)]
@@ -135,12 +131,7 @@ mod tests {
         .unwrap();
         let master = sock.receive(Duration::from_secs(5)).await.unwrap();
         resize(&master, 33, 101).unwrap();
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: TIOCGWINSZ fills a winsize.
-        assert_eq!(
-            unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
-            0
-        );
+        let ws = rustix::termios::tcgetwinsize(&pty.slave).unwrap();
         assert_eq!((ws.ws_row, ws.ws_col), (33, 101));
     }
 

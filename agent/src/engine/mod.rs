@@ -188,8 +188,10 @@ impl Engine {
             let master = match socket.receive(CONSOLE_TIMEOUT).await {
                 Ok(m) => m,
                 Err(e) => {
-                    // SAFETY: kill(2) of our own unreaped child.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    // Our own unreaped child: its PID cannot have been reused.
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
                     return Err(EngineError::Failed(format!("terminal: {e}")));
                 }
             };
@@ -270,7 +272,8 @@ impl Engine {
         let made = self.assemble(id, &dir, &spec, layers, stdin).await;
         match made {
             Ok((lc, init)) => {
-                let pid = init.pid as u32;
+                // A started process's PID is positive.
+                let pid = u32::try_from(init.pid).unwrap_or_default();
                 let c = Arc::new(Container {
                     dir,
                     cgroup,
@@ -366,7 +369,7 @@ impl Engine {
         lock(&c.lc)
             .start()
             .map_err(|e| EngineError::Failed(format!("starting container {id}: {e}")))?;
-        *started = process::now_ns();
+        *started = vmcri_proto::now_ns();
         tracing::info!(container_id = id, "container started");
         Ok(())
     }
@@ -412,7 +415,7 @@ impl Engine {
         };
         // SIGKILL plus an OOM kill recorded in the container's cgroup.
         let oom_killed = exec_id.is_empty()
-            && exit.signal == libc::SIGKILL as u32
+            && i32::try_from(exit.signal) == Ok(libc::SIGKILL)
             && cgroup::stats(&c.cgroup).is_some_and(|s| s.oom_kills > 0);
         Ok(Ended {
             exit,
@@ -511,7 +514,8 @@ impl Engine {
         let spawned = self.spawn(tty, stdin, build, id).await;
         let _ = std::fs::remove_file(&process_file);
         let (p, ()) = spawned?;
-        let pid = p.pid as u32;
+        // A started process's PID is positive.
+        let pid = u32::try_from(p.pid).unwrap_or_default();
         lock(&c.execs).insert(exec_id.to_string(), Arc::new(p));
         Ok(pid)
     }

@@ -9,10 +9,11 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, OwnedMutexGuard};
+use vmcri_proto::now_ns;
 
 /// Chunks buffered per process before its pumps stop reading.
 const OUTPUT_CHUNKS: usize = 64;
@@ -109,7 +110,8 @@ impl Output {
                 .cloned();
             if let Some((off, mut c)) = found {
                 // Output older than the window is gone; resume at its start.
-                let skip = pos.saturating_sub(off) as usize;
+                let skip = usize::try_from(pos.saturating_sub(off))
+                    .map_or(c.data.len(), |s| s.min(c.data.len()));
                 c.data.drain(..skip);
                 return Some((off + skip as u64, c));
             }
@@ -136,33 +138,14 @@ pub struct Proc {
     tty: Option<OwnedFd>,
 }
 
-/// Nanoseconds since the Unix epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
 /// A pipe: (read end, write end), both close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
     Ok(())
 }
 
@@ -345,8 +328,10 @@ impl Proc {
         if self.exited().is_some() {
             return Ok(());
         }
-        // SAFETY: kill(2) of our own unreaped child: the PID cannot have
-        // been reused while it is unreaped.
+        // libc's kill: nix's and rustix's (safely) take only named
+        // signals, and the agent API allows real-time ones too (1..=64).
+        // SAFETY: kill(2) takes no pointers; it signals our own unreaped
+        // child, whose PID cannot have been reused while it is unreaped.
         if unsafe { libc::kill(self.pid, signal) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ESRCH) {

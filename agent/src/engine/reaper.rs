@@ -4,10 +4,12 @@
 //! is reaped here, on SIGCHLD, and handed to whoever watches that PID.
 //! One waiter for all children avoids two waiters racing for one status.
 
-use super::process::{now_ns, Exit};
+use super::process::Exit;
+use rustix::process::{WaitOptions, WaitStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use tokio::sync::watch;
+use vmcri_proto::now_ns;
 
 /// Exits nobody watched yet, kept for a watcher registering late.
 const MAX_UNCLAIMED: usize = 1024;
@@ -38,12 +40,13 @@ pub fn watch(pid: i32) -> watch::Receiver<Option<Exit>> {
     })
 }
 
-fn exit_of(info: &libc::siginfo_t) -> Exit {
-    // SAFETY: waitid filled a CLD_* siginfo.
-    let status = unsafe { info.si_status() };
-    let (code, signal) = match info.si_code {
-        libc::CLD_EXITED => (status, 0),
-        _ => (128 + status, status as u32),
+fn exit_of(status: WaitStatus) -> Exit {
+    let (code, signal) = match status.exit_status() {
+        Some(code) => (code, 0),
+        None => {
+            let signal = status.terminating_signal().unwrap_or(0);
+            (128 + signal, u32::try_from(signal).unwrap_or(0))
+        }
     };
     Exit {
         code,
@@ -55,27 +58,20 @@ fn exit_of(info: &libc::siginfo_t) -> Exit {
 /// Reaps every exited child without blocking and delivers each exit to
 /// its watcher; returns how many were reaped.
 pub fn reap() -> usize {
+    // __WALL: children cloned without SIGCHLD count too (rustix has no
+    // name for it, but passes the bits through).
+    let options = WaitOptions::NOHANG | WaitOptions::from_bits_retain(libc::__WALL.cast_unsigned());
     let mut n = 0;
     loop {
-        // SAFETY: siginfo_t is plain data; waitid fills it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid with a valid siginfo pointer. __WALL: children
-        // cloned without SIGCHLD count too.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_ALL,
-                0,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::__WALL,
-            )
-        };
-        // SAFETY: si_pid is valid for CLD_* siginfo; zero means none ready.
-        let pid = unsafe { info.si_pid() };
-        if rc != 0 || pid == 0 {
+        // wait4(-1) rather than waitid: rustix's waitid does not report
+        // the PID, and nix's fails (after reaping) on a child killed by a
+        // real-time signal. Without WUNTRACED both report only exits.
+        let Ok(Some((pid, status))) = rustix::process::wait(options) else {
             return n;
-        }
+        };
+        let pid = pid.as_raw_nonzero().get();
         n += 1;
-        let exit = exit_of(&info);
+        let exit = exit_of(status);
         with(|r| match r.watchers.remove(&pid) {
             Some(tx) => {
                 let _ = tx.send(Some(exit));
@@ -100,7 +96,7 @@ mod tests {
             .args(["-c", cmd])
             .spawn()
             .unwrap();
-        let pid = child.id() as i32;
+        let pid = i32::try_from(child.id()).unwrap();
         // The reaper owns the status from here.
         std::mem::forget(child);
         pid

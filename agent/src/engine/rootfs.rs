@@ -2,6 +2,8 @@
 //! with a private writable layer, so containers sharing layers never see
 //! each other's writes.
 
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags};
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -74,37 +76,29 @@ pub fn mount(layers: &[PathBuf], scratch: &Path, target: &Path) -> io::Result<()
     let options = CString::new(overlay_options(layers, &upper, &work)?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in layer path"))?;
     let t = cpath(target)?;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            t.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            options.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
+    rustix::mount::mount(
+        c"overlay",
+        t,
+        c"overlay",
+        MountFlags::empty(),
+        options.as_c_str(),
+    )
+    .map_err(|errno| {
+        let e = io::Error::from(errno);
+        io::Error::new(
             e.kind(),
             format!("mount overlay on {}: {e}", target.display()),
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Detaches whatever is mounted on `target`; nothing mounted is fine.
 pub fn unmount(target: &Path) -> io::Result<()> {
     let t = cpath(target)?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
-        let e = io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) {
-            return Err(e);
-        }
+    match rustix::mount::unmount(t, UnmountFlags::DETACH) {
+        Ok(()) | Err(Errno::INVAL | Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

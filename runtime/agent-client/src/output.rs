@@ -84,7 +84,10 @@ mod tests {
     #[test]
     fn big_chunks_are_cut_with_their_offsets_and_small_ones_pass() {
         let mut s = Splitter::default();
-        let data: Vec<u8> = (0..(MAX_OUTPUT_CHUNK * 2 + 10)).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..=u8::MAX)
+            .cycle()
+            .take(MAX_OUTPUT_CHUNK * 2 + 10)
+            .collect();
         let first = s.push(pb::OutputChunk {
             stream: pb::output_chunk::Stream::Stderr as i32,
             data: data.clone(),

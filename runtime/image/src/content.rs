@@ -45,7 +45,7 @@ impl Digest {
 
     fn from_hash(h: Sha256) -> Digest {
         Digest {
-            hex: h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+            hex: hex::encode(h.finalize()),
         }
     }
 
@@ -596,10 +596,10 @@ impl ContentStore {
 
 fn unique_in(dir: &Path) -> PathBuf {
     let mut b = [0u8; 8];
-    // SAFETY: b is valid for 8 bytes.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    dir.join(format!("blob-{}-{name}", std::process::id()))
+    // Cannot fail once the pool is up; if it did, the name would still
+    // hold the process ID (with zeros for the random part).
+    let _ = getrandom::fill(&mut b);
+    dir.join(format!("blob-{}-{}", std::process::id(), hex::encode(b)))
 }
 
 #[cfg(test)]

@@ -159,7 +159,9 @@ async fn read_capped(
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(Capped::Http)? {
-        let room = (limit as usize).saturating_sub(body.len());
+        let room = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(body.len());
         if chunk.len() > room {
             if truncate {
                 body.extend_from_slice(&chunk[..room]);

@@ -11,7 +11,9 @@
 
 use std::io::{self, Read};
 
-const BLOCK: u64 = 512;
+/// A tar block: every header and padded payload is a whole number of them.
+const BLOCK_LEN: usize = 512;
+const BLOCK: u64 = BLOCK_LEN as u64;
 
 /// Types whose payload the tar crate reads into memory.
 fn is_metadata(typeflag: u8) -> bool {
@@ -51,7 +53,7 @@ pub struct TarGuard<R> {
     /// Set once the archive went past `max_total`: the tar crate may
     /// wrap the I/O error, so the caller asks here instead.
     over_total: bool,
-    header: [u8; BLOCK as usize],
+    header: [u8; BLOCK_LEN],
     header_len: usize,
     /// Payload bytes (padded to blocks) left in the current entry.
     payload_left: u64,
@@ -67,7 +69,7 @@ impl<R: Read> TarGuard<R> {
             max_total,
             total: 0,
             over_total: false,
-            header: [0; BLOCK as usize],
+            header: [0; BLOCK_LEN],
             header_len: 0,
             payload_left: 0,
         }
@@ -76,16 +78,17 @@ impl<R: Read> TarGuard<R> {
     fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.payload_left > 0 {
-                let n = (bytes.len() as u64).min(self.payload_left) as usize;
+                let n = usize::try_from(self.payload_left)
+                    .map_or(bytes.len(), |left| left.min(bytes.len()));
                 self.payload_left -= n as u64;
                 bytes = &bytes[n..];
                 continue;
             }
-            let n = (BLOCK as usize - self.header_len).min(bytes.len());
+            let n = (BLOCK_LEN - self.header_len).min(bytes.len());
             self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
             self.header_len += n;
             bytes = &bytes[n..];
-            if self.header_len == BLOCK as usize {
+            if self.header_len == BLOCK_LEN {
                 self.header_len = 0;
                 let size = parse_size(&self.header[124..136]).ok_or_else(|| {
                     io::Error::new(

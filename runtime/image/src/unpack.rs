@@ -630,7 +630,7 @@ mod tests {
                 v.len(),
             )
         };
-        assert_eq!(&v[..n.max(0) as usize], b"y");
+        assert_eq!(&v[..usize::try_from(n).unwrap_or(0)], b"y");
         assert!(
             !s.dest.join("dev/sda").exists(),
             "device nodes are never created"

@@ -146,7 +146,7 @@ impl Hostile {
         };
         let chunk = vec![byte; 64 << 10];
         while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
+            let n = usize::try_from(left).map_or(chunk.len(), |l| l.min(chunk.len()));
             conn.write_all(&chunk[..n]).await?;
             self.sent.fetch_add(n as u64, Ordering::SeqCst);
             left -= n as u64;

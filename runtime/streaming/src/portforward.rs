@@ -200,7 +200,11 @@ pub async fn serve_ws(
     let mut inputs = Vec::new();
     let mut running = JoinSet::new();
     for (i, port) in ports.iter().enumerate() {
-        let (data_ch, err_ch) = ((2 * i) as u8, (2 * i + 1) as u8);
+        // Two channels a port, numbered in one byte: at most 128 ports
+        // (the server allows far fewer).
+        let (Ok(data_ch), Ok(err_ch)) = (u8::try_from(2 * i), u8::try_from(2 * i + 1)) else {
+            return;
+        };
         let data = conn.channel(data_ch);
         let error = conn.channel(err_ch);
         let prefix = port.to_le_bytes();

@@ -314,7 +314,8 @@ async fn read_frames<R: AsyncRead + Send + Unpin>(
                 fin,
                 data,
             } => {
-                let n = data.len() as u32;
+                // At most 2^24-1: the decoder checked the length field.
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
                 match open.get(&stream_id) {
                     // A consumer that went away no longer cares.
                     Some(tx) if !data.is_empty() => {

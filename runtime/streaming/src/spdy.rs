@@ -502,8 +502,8 @@ impl FrameDecoder {
             let result = self
                 .inflate
                 .decompress(rest, &mut chunk, FlushDecompress::Sync);
-            let read = (self.inflate.total_in() - in_before) as usize;
-            let wrote = (self.inflate.total_out() - out_before) as usize;
+            let read = zlib_progress(in_before, self.inflate.total_in())?;
+            let wrote = zlib_progress(out_before, self.inflate.total_out())?;
             pos += read;
             if out.len() + wrote > self.max_header_bytes {
                 return Err(SpdyError::Protocol(format!(
@@ -674,12 +674,13 @@ fn build_header_block(headers: &Headers) -> Result<Vec<u8>, String> {
         return Err(format!("header block of {size} bytes is too large"));
     }
     // The size bound makes every count and length fit in u32.
+    let u32_of = |n: usize| u32::try_from(n).map_err(|_| format!("{n} does not fit 32 bits"));
     let mut raw = Vec::with_capacity(size);
-    raw.put_u32(headers.len() as u32);
+    raw.put_u32(u32_of(headers.len())?);
     for (name, value) in headers {
-        raw.put_u32(name.len() as u32);
+        raw.put_u32(u32_of(name.len())?);
         raw.put_slice(name.as_bytes());
-        raw.put_u32(value.len() as u32);
+        raw.put_u32(u32_of(value.len())?);
         raw.put_slice(value.as_bytes());
     }
     Ok(raw)
@@ -747,8 +748,8 @@ impl FrameEncoder {
             self.deflate
                 .compress(rest, &mut chunk, FlushCompress::Sync)
                 .map_err(|e| SpdyError::Protocol(format!("header compression failed: {e}")))?;
-            let read = (self.deflate.total_in() - in_before) as usize;
-            let wrote = (self.deflate.total_out() - out_before) as usize;
+            let read = zlib_progress(in_before, self.deflate.total_in())?;
+            let wrote = zlib_progress(out_before, self.deflate.total_out())?;
             pos += read;
             out.extend_from_slice(&chunk[..wrote]);
             if pos >= raw.len() && wrote < chunk.len() {
@@ -797,18 +798,30 @@ fn check_stream_id(stream_id: u32, zero_ok: bool, what: &str) -> Result<(), Spdy
     Ok(())
 }
 
+/// Bytes a zlib call took or gave, from its running total before and
+/// after; at most the length of a buffer in memory, so they fit usize.
+fn zlib_progress(before: u64, after: u64) -> Result<usize, SpdyError> {
+    usize::try_from(after - before)
+        .map_err(|_| SpdyError::Protocol("zlib progress beyond the address space".into()))
+}
+
+/// `length` as the 24-bit length field of a frame, if it fits.
+fn length_field(length: usize) -> Option<u32> {
+    u32::try_from(length).ok().filter(|_| length <= MAX_LENGTH)
+}
+
 fn put_control(dst: &mut BytesMut, kind: u16, flags: u8, length: usize) -> Result<(), SpdyError> {
-    if length > MAX_LENGTH {
+    let Some(field) = length_field(length) else {
         // Only reachable after compressing, so the zlib stream has moved on
         // without the peer: fatal.
         return Err(SpdyError::Protocol(format!(
             "control frame of {length} bytes does not fit the length field"
         )));
-    }
+    };
     dst.reserve(FRAME_HEADER_LEN + length);
     dst.put_u16(0x8000 | VERSION);
     dst.put_u16(kind);
-    dst.put_u32(u32::from(flags) << 24 | length as u32);
+    dst.put_u32(u32::from(flags) << 24 | field);
     Ok(())
 }
 
@@ -867,16 +880,19 @@ impl Encoder<Frame> for FrameEncoder {
             }
             Frame::Settings { clear, entries } => {
                 let length = 4 + entries.len().saturating_mul(8);
-                if length > MAX_LENGTH || entries.iter().any(|e| e.id > 0xFF_FFFF) {
-                    return Err(invalid(
-                        None,
-                        rst::PROTOCOL_ERROR,
-                        "SETTINGS with too many entries or an id over 24 bits",
-                    ));
-                }
+                let count = match u32::try_from(entries.len()) {
+                    Ok(n) if length <= MAX_LENGTH && entries.iter().all(|e| e.id <= 0xFF_FFFF) => n,
+                    _ => {
+                        return Err(invalid(
+                            None,
+                            rst::PROTOCOL_ERROR,
+                            "SETTINGS with too many entries or an id over 24 bits",
+                        ))
+                    }
+                };
                 let flags = if clear { FLAG_SETTINGS_CLEAR } else { 0 };
                 put_control(dst, TYPE_SETTINGS, flags, length)?;
-                dst.put_u32(entries.len() as u32);
+                dst.put_u32(count);
                 for e in entries {
                     dst.put_u32(u32::from(e.flags) << 24 | e.id);
                     dst.put_u32(e.value);
@@ -914,16 +930,16 @@ impl Encoder<Frame> for FrameEncoder {
                 data,
             } => {
                 check_stream_id(stream_id, false, "DATA stream id")?;
-                if data.len() > MAX_LENGTH {
+                let Some(length) = length_field(data.len()) else {
                     return Err(invalid(
                         None,
                         rst::PROTOCOL_ERROR,
                         format!("DATA payload of {} bytes exceeds 2^24-1", data.len()),
                     ));
-                }
+                };
                 dst.reserve(FRAME_HEADER_LEN + data.len());
                 dst.put_u32(stream_id);
-                dst.put_u32(u32::from(if fin { FLAG_FIN } else { 0 }) << 24 | data.len() as u32);
+                dst.put_u32(u32::from(if fin { FLAG_FIN } else { 0 }) << 24 | length);
                 dst.put_slice(&data);
             }
         }
@@ -969,7 +985,7 @@ mod tests {
         let mut v = Vec::new();
         v.put_u16(0x8000 | version);
         v.put_u16(kind);
-        v.put_u32(u32::from(flags) << 24 | payload.len() as u32);
+        v.put_u32(u32::from(flags) << 24 | u32::try_from(payload.len()).unwrap());
         v.extend_from_slice(payload);
         v
     }
@@ -1218,7 +1234,7 @@ mod tests {
             if let Err(e) = &res {
                 assert_eq!(e.needs_dictionary(), Some(0xE3C6_A7C2));
                 inflate.set_dictionary(DICTIONARY).unwrap();
-                let used = inflate.total_in() as usize;
+                let used = usize::try_from(inflate.total_in()).unwrap();
                 res = inflate.decompress_vec(&block[used..], &mut out, FlushDecompress::Sync);
             }
             res.unwrap();
@@ -1353,15 +1369,15 @@ mod tests {
     fn malformed_header_blocks_are_invalid_for_their_stream() {
         let pair = |n: &[u8], v: &[u8]| {
             let mut b = Vec::new();
-            b.put_u32(n.len() as u32);
+            b.put_u32(u32::try_from(n.len()).unwrap());
             b.extend_from_slice(n);
-            b.put_u32(v.len() as u32);
+            b.put_u32(u32::try_from(v.len()).unwrap());
             b.extend_from_slice(v);
             b
         };
         let block = |pairs: &[Vec<u8>], trailing: &[u8]| {
             let mut b = Vec::new();
-            b.put_u32(pairs.len() as u32);
+            b.put_u32(u32::try_from(pairs.len()).unwrap());
             pairs.iter().for_each(|p| b.extend_from_slice(p));
             b.extend_from_slice(trailing);
             b
@@ -1389,7 +1405,7 @@ mod tests {
         let mut enc = FrameEncoder::new();
         let mut dec = decoder();
         for (i, (what, raw)) in cases.iter().enumerate() {
-            let id = 2 * i as u32 + 1;
+            let id = 2 * u32::try_from(i).unwrap() + 1;
             let mut buf = BytesMut::from(&syn_stream_with_raw_block(&mut enc, id, raw)[..]);
             let err = dec.decode(&mut buf).unwrap_err();
             assert!(!err.is_fatal(), "{what}: {err:?}");

@@ -38,15 +38,13 @@ pub struct Tokens {
 
 fn random_token() -> String {
     let mut b = [0u8; 24];
-    // SAFETY: b is valid for its length.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        // Never for 24 bytes once the pool is up; a predictable token
-        // would be a hole, so fail closed with one nobody can match.
+    if getrandom::fill(&mut b).is_err() {
+        // Never once the pool is up; a predictable token would be a
+        // hole, so fail closed with one nobody can match.
         return String::new();
     }
     // URL-safe without escaping.
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 impl Tokens {

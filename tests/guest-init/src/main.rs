@@ -63,7 +63,8 @@ fn vsock_dial() -> std::io::Result<String> {
     let mut sock = unsafe { std::fs::File::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain data; zeroed is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family =
+        libc::sa_family_t::try_from(libc::AF_VSOCK).expect("AF_VSOCK fits sa_family_t");
     addr.svm_cid = libc::VMADDR_CID_HOST;
     addr.svm_port = 5000;
     // SAFETY: addr is a valid sockaddr_vm of the given size.
@@ -71,7 +72,8 @@ fn vsock_dial() -> std::io::Result<String> {
         libc::connect(
             fd,
             (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as u32,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>())
+                .expect("sockaddr_vm's size fits socklen_t"),
         )
     };
     if rc != 0 {

@@ -22,6 +22,9 @@ pub enum InitramfsError {
     /// A file too large for the newc format's 32-bit size.
     #[error("{0:?} is larger than 4 GiB, which cpio newc cannot hold")]
     TooLarge(String),
+    /// More entries than the newc format's 32-bit inode numbers can count.
+    #[error("{0} entries are more than cpio newc can number")]
+    TooManyEntries(usize),
     /// Reading a host file or writing the archive failed.
     #[error("{what}: {source}")]
     Io {
@@ -198,16 +201,9 @@ impl Initramfs {
         };
         for (i, e) in self.entries.iter().enumerate() {
             let nlink = if e.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
-            write_entry(
-                &mut out,
-                i as u32 + 1,
-                e.mode,
-                nlink,
-                &e.path,
-                &e.data,
-                e.rdev,
-            )
-            .map_err(io)?;
+            let ino = u32::try_from(i + 1)
+                .map_err(|_| InitramfsError::TooManyEntries(self.entries.len()))?;
+            write_entry(&mut out, ino, e.mode, nlink, &e.path, &e.data, e.rdev).map_err(io)?;
         }
         write_entry(&mut out, 0, 0, 1, "TRAILER!!!", &[], (0, 0)).map_err(io)?;
         out.flush().map_err(io)

@@ -117,7 +117,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(self.fill.wrapping_add(offset as u8));
+            data.fill(self.fill.wrapping_add(offset.to_le_bytes()[0]));
         }
         fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
             self.last.push((offset, data.to_vec()));

@@ -80,13 +80,15 @@ pub struct FsDevice {
 fn bridge_memory(mem: &GuestMemoryMmap) -> Result<FsMemory, ActivateError> {
     let mut regions = Vec::new();
     for r in mem.iter() {
+        let len = usize::try_from(r.len())
+            .map_err(|_| ActivateError::Device("guest memory region beyond usize".into()))?;
         // SAFETY: the pointer and length are those of a live mapping that
         // `mem` (held by the transport for the VM's life) keeps mapped;
         // build_raw does not take ownership, so nothing is unmapped twice.
         let mapping = unsafe {
             FsMmapRegion::build_raw(
                 r.as_ptr(),
-                r.len() as usize,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
             )
@@ -104,6 +106,10 @@ fn bridge_memory(mem: &GuestMemoryMmap) -> Result<FsMemory, ActivateError> {
 fn bridge_queue(q: &Queue, mem: &FsMemory, index: usize) -> Result<FsQueue, ActivateError> {
     let mut fq = FsQueue::new(q.max_size()).map_err(|_| ActivateError::QueueNotReady(index))?;
     fq.set_size(q.size());
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the low half of a 64-bit guest address"
+    )]
     let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
     let (lo, hi) = split(q.desc_table());
     fq.set_desc_table_address(lo, hi);
@@ -192,7 +198,8 @@ impl FsDevice {
             ) {
                 (Ok(_), Ok(mut w)) if dot.is_some() => {
                     let reply = OutHeader {
-                        len: std::mem::size_of::<OutHeader>() as u32,
+                        len: u32::try_from(std::mem::size_of::<OutHeader>())
+                            .expect("a FUSE header is 16 bytes"),
                         error: -libc::ENOENT,
                         unique: dot.unwrap_or(0),
                     };
@@ -212,7 +219,9 @@ impl FsDevice {
                     0
                 }
             };
-            if let Err(e) = queue.add_used(mem, head, written as u32) {
+            // A used length is 32 bits (virtio 1.1, 2.6.8).
+            let written = u32::try_from(written).unwrap_or(u32::MAX);
+            if let Err(e) = queue.add_used(mem, head, written) {
                 guest_warn!(error = %e, "virtio-fs: cannot return a buffer");
             }
             used = true;
@@ -366,7 +375,8 @@ mod tests {
             reply_len: u32,
         ) -> (i32, Vec<u8>) {
             self.unique += 1;
-            let mut req = in_header((40 + body.len()) as u32, opcode, self.unique, nodeid);
+            let req_len = u32::try_from(40 + body.len()).unwrap();
+            let mut req = in_header(req_len, opcode, self.unique, nodeid);
             req.extend_from_slice(body);
             let base = 0x4_0000 + u64::from(self.next_desc) * 0x2000;
             let (req_addr, reply_addr) = (GuestAddress(base), GuestAddress(base + 0x1000));
@@ -375,7 +385,7 @@ mod tests {
             let descs = [
                 RawDescriptor::from(SplitDescriptor::new(
                     req_addr.0,
-                    req.len() as u32,
+                    u32::try_from(req.len()).unwrap(),
                     VRING_DESC_F_NEXT,
                     d + 1,
                 )),

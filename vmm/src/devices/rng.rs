@@ -12,7 +12,7 @@ const VIRTIO_ID_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 64;
 /// Bytes served per descriptor at most: a guest asking for gigabytes gets
 /// a short read, not a stalled vCPU.
-const MAX_CHUNK: usize = 64 * 1024;
+const MAX_CHUNK: u32 = 64 * 1024;
 
 /// The entropy device.
 #[derive(Default)]
@@ -33,23 +33,6 @@ impl Rng {
     }
 }
 
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-            continue;
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
 impl Active {
     fn process(&mut self) {
         let mut used_any = false;
@@ -63,13 +46,13 @@ impl Active {
                     // driver bug: skip it, serve the rest.
                     continue;
                 }
-                let len = (desc.len() as usize).min(MAX_CHUNK);
-                let mut buf = vec![0u8; len];
-                if fill_random(&mut buf).is_err() {
+                let len = desc.len().min(MAX_CHUNK);
+                let mut buf = vec![0u8; len as usize];
+                if getrandom::fill(&mut buf).is_err() {
                     break;
                 }
                 match mem.write_slice(&buf, desc.addr()) {
-                    Ok(()) => written = written.saturating_add(len as u32),
+                    Ok(()) => written = written.saturating_add(len),
                     Err(e) => {
                         guest_warn!(error = %e, "virtio-rng: descriptor outside guest memory");
                         break;

@@ -56,7 +56,7 @@ impl<W: Write> Write for Bounded<W> {
             // Claim the bytes as written: the guest is not to stall.
             return Ok(buf.len());
         }
-        let n = (buf.len() as u64).min(self.left) as usize;
+        let n = usize::try_from(self.left).map_or(buf.len(), |left| left.min(buf.len()));
         let written = self.inner.write(&buf[..n])?;
         self.left -= written as u64;
         Ok(written)

@@ -295,6 +295,10 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "the low half of the 64-bit feature bits"
+                )]
                 0 => self.device.features() as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
@@ -333,7 +337,10 @@ impl MmioTransport {
                 if let Some(q) = self.selected_queue() {
                     // virtio-queue ignores sizes that are not a power of two
                     // or exceed the maximum; is_valid() rejects them later.
-                    q.set_size(v as u16);
+                    // One beyond 16 bits is ignored the same way.
+                    if let Ok(size) = u16::try_from(v) {
+                        q.set_size(size);
+                    }
                 }
             }
             reg::QUEUE_READY => {
@@ -423,7 +430,7 @@ mod tests {
             VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
         fn activate(
             &mut self,
@@ -472,7 +479,11 @@ mod tests {
         w(t, reg::STATUS, status::ACKNOWLEDGE);
         w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(t, reg::DRIVER_FEATURES_SEL, 0);
-        w(t, reg::DRIVER_FEATURES, driver_features as u32);
+        w(
+            t,
+            reg::DRIVER_FEATURES,
+            (driver_features & 0xffff_ffff).try_into().unwrap(),
+        );
         w(t, reg::DRIVER_FEATURES_SEL, 1);
         w(t, reg::DRIVER_FEATURES, (driver_features >> 32) as u32);
         w(

@@ -12,6 +12,16 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
 
+/// `n` bytes as an increment of a credit counter, which counts bytes
+/// modulo 2^32 (virtio 1.1, 5.10.6.3).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "vsock credit counters count bytes modulo 2^32"
+)]
+fn counted(n: usize) -> Wrapping<u32> {
+    Wrapping(n as u32)
+}
+
 /// Guest data we accept per connection before the host side reads it:
 /// the receive buffer we advertise. The guest may not exceed it, so this
 /// bounds what the VMM ever holds for a slow host reader.
@@ -274,7 +284,7 @@ impl Connection {
                     self.to_host.drain(..n);
                     let ours = n.min(self.ours_queued);
                     self.ours_queued -= ours;
-                    self.fwd_cnt += Wrapping((n - ours) as u32);
+                    self.fwd_cnt += counted(n - ours);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -411,7 +421,7 @@ impl Connection {
                 }
                 Ok(n) => {
                     buf.truncate(n);
-                    self.rx_cnt += Wrapping(n as u32);
+                    self.rx_cnt += counted(n);
                     self.fwd_cnt_told = self.fwd_cnt;
                     if self.host_hup {
                         // The guest is draining what the host left: slow

@@ -408,11 +408,11 @@ impl Muxer {
             Some(_) => ControlOperation::Modify,
             None => ControlOperation::Add,
         };
-        if self
-            .epoll
-            .ctl(op, fd, epoll_event(events, fd as u64))
-            .is_ok()
-        {
+        // A registered descriptor is never negative.
+        let Ok(token) = u64::try_from(fd) else {
+            return;
+        };
+        if self.epoll.ctl(op, fd, epoll_event(events, token)).is_ok() {
             self.interest.insert(fd, events);
         }
     }
@@ -691,7 +691,9 @@ impl Muxer {
             };
             match written {
                 Some(len) => {
-                    if queue.add_used(mem, head, len as u32).is_err() {
+                    // A used length is 32 bits (virtio 1.1, 2.6.8).
+                    let len = u32::try_from(len).unwrap_or(u32::MAX);
+                    if queue.add_used(mem, head, len).is_err() {
                         break;
                     }
                     used = true;
@@ -728,7 +730,9 @@ impl Muxer {
             }
             match conn.read_host(room) {
                 Ok(data) if !data.is_empty() => {
-                    let hdr = conn.header(op::RW, data.len() as u32, 0);
+                    let len =
+                        u32::try_from(data.len()).expect("read_host reads at most MAX_PAYLOAD");
+                    let hdr = conn.header(op::RW, len, 0);
                     return write_packet(w, &hdr, &data);
                 }
                 Ok(_) => {}
@@ -762,7 +766,10 @@ mod tests {
     const GUEST_CID: u64 = 3;
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
-    const RX_BUF: u32 = 4096 + HEADER_SIZE as u32;
+    /// `HEADER_SIZE` as a descriptor length.
+    const HDR_LEN: u32 = 44;
+    const _: () = assert!(HDR_LEN as usize == HEADER_SIZE);
+    const RX_BUF: u32 = 4096 + HDR_LEN;
 
     /// A guest side for the muxer: mock rx/tx queues in guest memory.
     struct Guest {
@@ -861,7 +868,7 @@ mod tests {
         /// Queues raw descriptors (one chain) on tx and runs the muxer.
         fn send_raw(&mut self, descs: &[RawDescriptor]) {
             self.txq.add_desc_chains(descs, self.tx_next_desc).unwrap();
-            self.tx_next_desc += descs.len() as u16;
+            self.tx_next_desc += u16::try_from(descs.len()).unwrap();
             self.muxer.process_tx(&mut self.tx, self.mem);
         }
 
@@ -877,20 +884,17 @@ mod tests {
             let i = self.tx_next_desc;
             let descs = if payload.is_empty() {
                 vec![RawDescriptor::from(SplitDescriptor::new(
-                    h_addr,
-                    HEADER_SIZE as u32,
-                    0,
-                    0,
+                    h_addr, HDR_LEN, 0, 0,
                 ))]
             } else {
                 vec![
+                    RawDescriptor::from(SplitDescriptor::new(h_addr, HDR_LEN, F_NEXT, i + 1)),
                     RawDescriptor::from(SplitDescriptor::new(
-                        h_addr,
-                        HEADER_SIZE as u32,
-                        F_NEXT,
-                        i + 1,
+                        p_addr,
+                        u32::try_from(payload.len()).unwrap(),
+                        0,
+                        0,
                     )),
-                    RawDescriptor::from(SplitDescriptor::new(p_addr, payload.len() as u32, 0, 0)),
                 ]
             };
             self.send_raw(&descs);
@@ -1102,10 +1106,7 @@ mod tests {
             )
             .unwrap();
         g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
-            base,
-            HEADER_SIZE as u32,
-            0,
-            0,
+            base, HDR_LEN, 0, 0,
         ))]);
         // 3: payload length beyond the chain.
         g.mem
@@ -1113,7 +1114,7 @@ mod tests {
             .unwrap();
         g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
             base,
-            HEADER_SIZE as u32 + 10,
+            HDR_LEN + 10,
             0,
             0,
         ))]);
@@ -1135,10 +1136,7 @@ mod tests {
             .write_obj(spoof.swap_le(), GuestAddress(base))
             .unwrap();
         g.send_raw(&[RawDescriptor::from(SplitDescriptor::new(
-            base,
-            HEADER_SIZE as u32,
-            0,
-            0,
+            base, HDR_LEN, 0, 0,
         ))]);
         // 7: a length that overflows when summed across descriptors.
         let i = g.tx_next_desc;
@@ -1313,7 +1311,7 @@ mod tests {
         };
         // SAFETY: `lim` is a valid rlimit for the kernel to fill.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        lim.rlim_cur = spare.as_raw_fd() as libc::rlim_t + 1;
+        lim.rlim_cur = libc::rlim_t::try_from(spare.as_raw_fd()).unwrap() + 1;
         // SAFETY: `lim` is a valid rlimit; only this child process is affected.
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
         let low = lim.rlim_cur;
