@@ -488,7 +488,7 @@ impl RuntimeService for Cri {
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
         tracing::info!(pod_cidr = %cidr, "runtime config updated");
-        *self.pod_cidr.lock().unwrap_or_else(|e| e.into_inner()) = cidr;
+        *crate::lock::lock(&self.pod_cidr) = cidr;
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
@@ -518,11 +518,7 @@ impl RuntimeService for Cri {
                 .iter()
                 .map(|(k, h)| (k, h.backend.to_string()))
                 .collect();
-            let cidr = self
-                .pod_cidr
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let cidr = crate::lock::lock(&self.pod_cidr).clone();
             let isolation = if self
                 .config
                 .handlers

@@ -126,7 +126,7 @@ impl SharedDir {
             return Err(invalid(format!("bad layer chain ID {chain_hex:?}")));
         }
         let rel = Path::new("layers").join(chain_hex);
-        let _one = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::lock::lock(&LAYERS);
         let root = self.mounts_fd()?;
         let layers = beneath::mkdirs(&root, Path::new("layers"), PRIVATE_DIR)?;
         if !mounts::is_mount_point(&layers, OsStr::new(chain_hex))? {
