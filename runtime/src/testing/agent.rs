@@ -90,11 +90,7 @@ pub fn default_script(args: &[String]) -> Script {
     }
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
+use vmcri_proto::now_ns;
 
 /// A process's life as its readers and waiters see it.
 #[derive(Default)]
@@ -183,7 +179,7 @@ impl Proc {
     /// program handles every other signal and carries on.
     fn signal(&self, signal: u32, ignores_sigterm: bool) {
         if signal == SIGKILL || (signal == SIGTERM && !ignores_sigterm) {
-            self.end(128 + signal as i32, signal);
+            self.end(128 + i32::try_from(signal).unwrap_or(0), signal);
         }
     }
 
@@ -244,7 +240,7 @@ impl Container {
         let live =
             self.execs.values().filter(|p| !p.exited()).count() + usize::from(l.exit.is_none());
         pb::CgroupStats {
-            cpu_usage_ns: (ran_ns.max(0) / 10) as u64,
+            cpu_usage_ns: (ran_ns.max(0) / 10).unsigned_abs(),
             memory_usage_bytes: 8 << 20,
             memory_working_set_bytes: 6 << 20,
             memory_rss_bytes: 4 << 20,
@@ -420,7 +416,7 @@ impl Agent for Service {
             kernel_release: "6.12.0-fake".into(),
             cpus: 2,
             memory_bytes: 512 << 20,
-            uptime_ms: self.booted.elapsed().as_millis() as u64,
+            uptime_ms: u64::try_from(self.booted.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
     }
 
@@ -440,7 +436,7 @@ impl Agent for Service {
                 "probe or chunk size over the limit",
             ));
         }
-        let size = move |i: u64| (req.bytes - i * chunk).min(chunk) as usize;
+        let size = move |i: u64| usize::try_from((req.bytes - i * chunk).min(chunk)).unwrap_or(0);
         let chunks = (0..req.bytes.div_ceil(chunk)).map(move |i| {
             Ok(pb::ProbeChunk {
                 data: vec![0x5a; size(i)],
@@ -711,7 +707,10 @@ impl Agent for Service {
                         .filter(|c| c.offset + c.data.len() as u64 > pos);
                     let cut = |c: &pb::OutputChunk| {
                         let skip = pos.saturating_sub(c.offset);
-                        let data = c.data[skip as usize..].to_vec();
+                        let at = usize::try_from(skip)
+                            .unwrap_or(usize::MAX)
+                            .min(c.data.len());
+                        let data = c.data[at..].to_vec();
                         pb::OutputChunk {
                             data,
                             offset: c.offset + skip,
@@ -1184,7 +1183,7 @@ mod tests {
         assert_eq!((ended.exit_code, ended.reason()), (137, Reason::Signaled));
         fake.set_exec_script(|args| Script {
             stderr: b"no\n".to_vec(),
-            exit_code: args.len() as i32,
+            exit_code: i32::try_from(args.len()).unwrap_or(i32::MAX),
             ..Script::default()
         });
         exec(&agent, "e4", &["a", "b", "c"], false).await.unwrap();
