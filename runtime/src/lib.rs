@@ -16,3 +16,5 @@ pub mod socket;
 pub mod spec;
 pub mod store;
 pub mod streams;
+#[cfg(test)]
+pub(crate) mod testing;
