@@ -56,53 +56,78 @@ pub fn default_script(args: &[String]) -> Script {
         .first()
         .map_or("", |a| a.rsplit('/').next().unwrap_or(a));
     let line = |words: &[String]| format!("{}\n", words.join(" ")).into_bytes();
-    let done = Script::default();
+    let mut s = Script::default();
     match program {
-        "true" => done,
-        "false" => Script {
-            exit_code: 1,
-            ..done
-        },
-        "cat" => Script {
-            echo_stdin: true,
-            ..done
-        },
-        "echo" => Script {
-            stdout: line(&args[1..]),
-            ..done
-        },
-        "sleep" => match args.get(1).and_then(|s| s.parse::<f64>().ok()) {
+        "true" => {}
+        "false" => s.exit_code = 1,
+        "cat" => s.echo_stdin = true,
+        "echo" => s.stdout = line(&args[1..]),
+        "sleep" => match args.get(1).and_then(|a| a.parse::<f64>().ok()) {
             // `sleep infinity` does not fit a Duration: it sleeps for good.
-            Some(secs) if secs >= 0.0 => Script {
-                runs_for: Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX),
-                ..done
-            },
-            _ => Script {
-                stderr: b"sleep: invalid time interval\n".to_vec(),
-                exit_code: 1,
-                ..done
-            },
+            Some(n) if n >= 0.0 => {
+                s.runs_for = Duration::try_from_secs_f64(n).unwrap_or(Duration::MAX)
+            }
+            _ => (s.stderr, s.exit_code) = (b"sleep: invalid time interval\n".to_vec(), 1),
         },
-        _ => Script {
-            stdout: line(args),
-            ..done
-        },
+        _ => s.stdout = line(args),
     }
+    s
 }
 
 use vmcri_proto::now_ns;
 
+fn ok<T>(reply: T) -> Reply<T> {
+    Ok(Response::new(reply))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test that panicked holding it must not take the server down too.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("container {id} not found in the sandbox"))
+}
+
+/// The real agent's rule: its IDs become directory names.
+fn check_id(kind: &str, id: &str) -> Result<(), Status> {
+    let char_ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    if (1..=128).contains(&id.len()) && !id.starts_with('.') && id.bytes().all(char_ok) {
+        return Ok(());
+    }
+    let why =
+        format!("invalid {kind} ID {id:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'");
+    Err(Status::invalid_argument(why))
+}
+
+fn process_ref(p: Option<pb::ProcessRef>) -> Result<pb::ProcessRef, Status> {
+    p.filter(|p| !p.container_id.is_empty())
+        .ok_or_else(|| Status::invalid_argument("process.container_id is required"))
+}
+
+/// Runs `fut` unless the fake stops first: calls in flight end as they
+/// would when a VM dies, and the server can then finish.
+async fn unless_stopped<T>(
+    stopped: &watch::Sender<bool>,
+    fut: impl Future<Output = T>,
+) -> Result<T, Status> {
+    let mut stopped = stopped.subscribe();
+    tokio::select! {
+        v = fut => Ok(v),
+        _ = stopped.wait_for(|s| *s) => Err(Status::unavailable("the agent has stopped")),
+    }
+}
+
 /// A process's life as its readers and waiters see it.
 #[derive(Default)]
 struct Life {
-    /// Everything it wrote, offsets consecutive from 0.
+    /// All it wrote, offsets consecutive from 0: readers may resume anywhere.
     output: Vec<pb::OutputChunk>,
     len: u64,
     stdin_open: bool,
-    /// It is `cat`: stdin goes to stdout, and it exits with this code at
-    /// stdin's end.
+    /// It is `cat`: exits with this code at stdin's end.
     echo_stdin: Option<i32>,
-    /// 0 until started (and for execs, as in the real agent).
+    /// 0 until started, and for execs (as in the real agent).
     started_at_ns: i64,
     exit: Option<pb::WaitProcessResponse>,
 }
@@ -136,47 +161,49 @@ impl Proc {
     /// Appends output; none after the end, when its pipes are closed.
     fn emit(&self, stream: Out, data: &[u8]) {
         // A terminal has a single stream.
-        let stream = if self.tty { Out::Stdout } else { stream };
+        let stream = (if self.tty { Out::Stdout } else { stream }) as i32;
         self.life.send_if_modified(|l| {
             if l.exit.is_some() || data.is_empty() {
                 return false;
             }
-            let chunk = pb::OutputChunk {
-                stream: stream as i32,
-                data: data.to_vec(),
-                timestamp_ns: now_ns(),
-                offset: l.len,
-            };
+            let (data, timestamp_ns, offset) = (data.to_vec(), now_ns(), l.len);
             l.len += data.len() as u64;
-            l.output.push(chunk);
-            true
-        });
-    }
-
-    /// Ends it with `code`, killed by `signal` if nonzero; once only.
-    fn end(&self, code: i32, signal: u32) {
-        self.life.send_if_modified(|l| {
-            if l.exit.is_some() {
-                return false;
-            }
-            let reason = if signal == 0 {
-                Reason::Exited
-            } else {
-                Reason::Signaled
-            };
-            l.exit = Some(pb::WaitProcessResponse {
-                exit_code: code,
-                signal,
-                reason: reason as i32,
-                started_at_ns: l.started_at_ns,
-                finished_at_ns: now_ns(),
+            l.output.push(pb::OutputChunk {
+                stream,
+                data,
+                timestamp_ns,
+                offset,
             });
             true
         });
     }
 
+    /// Ends it with `code`, killed by `signal` if nonzero; once only.
+    fn end(&self, exit_code: i32, signal: u32) {
+        self.life.send_if_modified(|l| {
+            if l.exit.is_some() {
+                return false;
+            }
+            let reason = (if signal == 0 {
+                Reason::Exited
+            } else {
+                Reason::Signaled
+            }) as i32;
+            let (started_at_ns, finished_at_ns) = (l.started_at_ns, now_ns());
+            let exit = pb::WaitProcessResponse {
+                exit_code,
+                signal,
+                reason,
+                started_at_ns,
+                finished_at_ns,
+            };
+            l.exit = Some(exit);
+            true
+        });
+    }
+
     /// SIGKILL ends it, SIGTERM too unless its program ignores it; the
-    /// program handles every other signal and carries on.
+    /// program handles any other signal and carries on.
     fn signal(&self, signal: u32, ignores_sigterm: bool) {
         if signal == SIGKILL || (signal == SIGTERM && !ignores_sigterm) {
             self.end(128 + i32::try_from(signal).unwrap_or(0), signal);
@@ -229,18 +256,17 @@ impl Container {
     /// Plausible cgroup numbers: a tenth of a CPU while it runs, a few MiB
     /// of memory, one PID per live process.
     fn stats(&self) -> pb::CgroupStats {
-        let now = now_ns();
-        let l = self.init.life.borrow();
-        let until = l.exit.as_ref().map_or(now, |e| e.finished_at_ns);
+        let (now, l) = (now_ns(), self.init.life.borrow());
+        let end = l.exit.as_ref().map_or(now, |e| e.finished_at_ns);
         let ran_ns = if l.started_at_ns == 0 {
             0
         } else {
-            until - l.started_at_ns
+            end - l.started_at_ns
         };
         let live =
             self.execs.values().filter(|p| !p.exited()).count() + usize::from(l.exit.is_none());
         pb::CgroupStats {
-            cpu_usage_ns: (ran_ns.max(0) / 10).unsigned_abs(),
+            cpu_usage_ns: ran_ns.max(0).unsigned_abs() / 10,
             memory_usage_bytes: 8 << 20,
             memory_working_set_bytes: 6 << 20,
             memory_rss_bytes: 4 << 20,
@@ -262,44 +288,13 @@ struct State {
     last_pid: u32,
 }
 
-/// What the server and the test's handle share.
+/// The service; the test's [`FakeAgent`] shares it with the server.
 struct Shared {
     state: Mutex<State>,
     script: Mutex<ExecScript>,
-    /// Set when the fake stops: the server stops accepting, and calls in
-    /// flight end as they would when a VM dies.
+    /// Set when the fake stops: the server stops, and calls in flight end.
     stopped: watch::Sender<bool>,
     booted: Instant,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking test thread must not take the server down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn not_found(id: &str) -> Status {
-    Status::not_found(format!("container {id} not found in the sandbox"))
-}
-
-/// The real agent's rule: IDs become directory names there.
-fn check_id(kind: &str, id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        return Ok(());
-    }
-    Err(Status::invalid_argument(format!(
-        "invalid {kind} ID {id:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'"
-    )))
-}
-
-fn process_ref(p: Option<pb::ProcessRef>) -> Result<pb::ProcessRef, Status> {
-    p.filter(|p| !p.container_id.is_empty())
-        .ok_or_else(|| Status::invalid_argument("process.container_id is required"))
 }
 
 impl Shared {
@@ -307,8 +302,8 @@ impl Shared {
         lock(&self.state)
     }
 
-    /// Records a call, and fails it if a test asked for that.
-    fn enter(&self, rpc: &str) -> Result<(), Status> {
+    /// Records a call (failing it if a test asked for that); its request.
+    fn enter<T>(&self, rpc: &str, req: Request<T>) -> Result<T, Status> {
         let mut s = self.state();
         s.calls.push(rpc.to_string());
         match s.failures.get_mut(rpc).and_then(VecDeque::pop_front) {
@@ -316,20 +311,7 @@ impl Shared {
                 code,
                 format!("{rpc} failed by FakeAgent::fail_next"),
             )),
-            None => Ok(()),
-        }
-    }
-
-    fn stop(&self) {
-        self.stopped.send_replace(true);
-    }
-
-    /// Runs `fut` unless the fake stops first.
-    async fn until_stopped<T>(&self, fut: impl Future<Output = T>) -> Result<T, Status> {
-        let mut stopped = self.stopped.subscribe();
-        tokio::select! {
-            v = fut => Ok(v),
-            _ = stopped.wait_for(|s| *s) => Err(Status::unavailable("the agent has stopped")),
+            None => Ok(req.into_inner()),
         }
     }
 
@@ -350,39 +332,31 @@ impl Shared {
         if p.exec_id.is_empty() {
             return Ok(c.init.clone());
         }
-        c.execs.get(&p.exec_id).cloned().ok_or_else(|| {
+        let missing = || {
             Status::not_found(format!(
                 "exec {} not found in container {}",
                 p.exec_id, p.container_id
             ))
-        })
+        };
+        c.execs.get(&p.exec_id).cloned().ok_or_else(missing)
     }
 
-    /// The real agent's RemoveContainer: SIGTERM (when started and given a
-    /// grace), SIGKILL after the grace, then forget it. Unknown IDs pass.
+    /// The real agent's removal: SIGTERM (when started and given a grace),
+    /// SIGKILL after the grace, then forget it. Unknown IDs pass.
     async fn remove(&self, id: &str, grace: Duration) -> Result<(), Status> {
-        let (init, execs, ignores, started) = {
+        let (init, execs, ignores) = {
             let s = self.state();
             let Some(c) = s.containers.get(id) else {
                 return Ok(());
             };
             let execs: Vec<Proc> = c.execs.values().cloned().collect();
-            let started = c.init.life.borrow().started_at_ns != 0;
-            (
-                c.init.clone(),
-                execs,
-                s.ignore_sigterm.contains(id),
-                started,
-            )
+            (c.init.clone(), execs, s.ignore_sigterm.contains(id))
         };
-        if !init.exited() && started && !grace.is_zero() {
+        if !grace.is_zero() && init.life.borrow().started_at_ns != 0 {
             init.signal(SIGTERM, ignores);
-            let _ = self
-                .until_stopped(tokio::time::timeout(grace, init.wait()))
-                .await?;
+            let _ = unless_stopped(&self.stopped, tokio::time::timeout(grace, init.wait())).await?;
         }
-        init.signal(SIGKILL, false);
-        for p in execs {
+        for p in execs.iter().chain([&init]) {
             p.signal(SIGKILL, false);
         }
         self.state().containers.remove(id);
@@ -390,41 +364,31 @@ impl Shared {
     }
 }
 
-/// The tonic service over the shared state.
-struct Service(Arc<Shared>);
-
-impl std::ops::Deref for Service {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
 #[tonic::async_trait]
-impl Agent for Service {
-    async fn health(&self, _: Request<pb::HealthRequest>) -> Reply<pb::HealthResponse> {
-        self.enter("Health")?;
-        let status = pb::health_response::Status::Serving as i32;
-        Ok(Response::new(pb::HealthResponse { status }))
+impl Agent for Shared {
+    async fn health(&self, req: Request<pb::HealthRequest>) -> Reply<pb::HealthResponse> {
+        self.enter("Health", req)?;
+        ok(pb::HealthResponse {
+            status: pb::health_response::Status::Serving as i32,
+        })
     }
 
-    async fn get_guest_info(&self, _: Request<pb::GuestInfoRequest>) -> Reply<pb::GuestInfo> {
-        self.enter("GetGuestInfo")?;
-        Ok(Response::new(pb::GuestInfo {
+    async fn get_guest_info(&self, req: Request<pb::GuestInfoRequest>) -> Reply<pb::GuestInfo> {
+        self.enter("GetGuestInfo", req)?;
+        ok(pb::GuestInfo {
             api_version: vmcri_proto::AGENT_API_VERSION,
             agent_version: "0.0.0-fake".into(),
             kernel_release: "6.12.0-fake".into(),
             cpus: 2,
             memory_bytes: 512 << 20,
             uptime_ms: u64::try_from(self.booted.elapsed().as_millis()).unwrap_or(u64::MAX),
-        }))
+        })
     }
 
     type StreamProbeStream = BoxStream<pb::ProbeChunk>;
 
     async fn stream_probe(&self, req: Request<pb::ProbeRequest>) -> Reply<Self::StreamProbeStream> {
-        self.enter("StreamProbe")?;
-        let req = req.into_inner();
+        let req = self.enter("StreamProbe", req)?;
         // The real agent's limits and default chunk.
         let chunk = u64::from(if req.chunk_size == 0 {
             64 << 10
@@ -442,41 +406,42 @@ impl Agent for Service {
                 data: vec![0x5a; size(i)],
             })
         });
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        ok(Box::pin(tokio_stream::iter(chunks)))
     }
 
     async fn setup_sandbox(
         &self,
-        _: Request<pb::SetupSandboxRequest>,
+        req: Request<pb::SetupSandboxRequest>,
     ) -> Reply<pb::SetupSandboxResponse> {
-        self.enter("SetupSandbox")?;
-        Ok(Response::new(pb::SetupSandboxResponse {}))
+        self.enter("SetupSandbox", req)?;
+        ok(pb::SetupSandboxResponse {})
     }
 
     async fn update_interfaces(
         &self,
-        _: Request<pb::UpdateInterfacesRequest>,
+        req: Request<pb::UpdateInterfacesRequest>,
     ) -> Reply<pb::UpdateInterfacesResponse> {
-        self.enter("UpdateInterfaces")?;
-        Ok(Response::new(pb::UpdateInterfacesResponse {}))
+        self.enter("UpdateInterfaces", req)?;
+        ok(pb::UpdateInterfacesResponse {})
     }
 
     async fn create_container(
         &self,
         req: Request<pb::CreateContainerRequest>,
     ) -> Reply<pb::CreateContainerResponse> {
-        self.enter("CreateContainer")?;
-        let req = req.into_inner();
+        let req = self.enter("CreateContainer", req)?;
+        let id = req.container_id;
         if !req.mounts.is_empty() {
             return Err(Status::invalid_argument(
-                "CreateContainer: mounts belong in the OCI spec; the mounts field is reserved",
+                "CreateContainer: the mounts field is reserved",
             ));
         }
-        check_id("container", &req.container_id)?;
+        check_id("container", &id)?;
         let mut s = self.state();
-        if s.containers.contains_key(&req.container_id) {
-            let msg = format!("container {} already exists", req.container_id);
-            return Err(Status::already_exists(msg));
+        if s.containers.contains_key(&id) {
+            return Err(Status::already_exists(format!(
+                "container {id} already exists"
+            )));
         }
         let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| Status::invalid_argument(format!("invalid OCI spec: {e}")))?;
@@ -487,42 +452,40 @@ impl Agent for Service {
         if args.is_empty() {
             return Err(Status::invalid_argument("the OCI spec has no process args"));
         }
-        // Only an init that is `cat` reads its stdin, so tests can see it.
+        // An init that is `cat` echoes its stdin, so tests can see it.
         let echo_stdin = default_script(args).echo_stdin.then_some(0);
         let tty = process.and_then(|p| p.terminal()).unwrap_or(false);
         s.last_pid += 1;
         let init = Proc::new(s.last_pid, tty, req.stdin, echo_stdin);
         let pid = init.pid;
-        let c = Container {
-            init,
-            execs: HashMap::new(),
-            resources: None,
-        };
-        s.containers.insert(req.container_id, c);
-        Ok(Response::new(pb::CreateContainerResponse { pid }))
+        s.containers.insert(
+            id,
+            Container {
+                init,
+                execs: HashMap::new(),
+                resources: None,
+            },
+        );
+        ok(pb::CreateContainerResponse { pid })
     }
 
     async fn start_container(
         &self,
         req: Request<pb::StartContainerRequest>,
     ) -> Reply<pb::StartContainerResponse> {
-        self.enter("StartContainer")?;
-        let id = req.into_inner().container_id;
+        let id = self.enter("StartContainer", req)?.container_id;
         let mut refused = None;
         self.init(&id)?.life.send_if_modified(|l| {
-            refused = if l.exit.is_some() {
-                Some("has exited")
-            } else if l.started_at_ns != 0 {
-                Some("is already started")
-            } else {
-                l.started_at_ns = now_ns();
-                None
-            };
+            match (l.exit.is_some(), l.started_at_ns) {
+                (true, _) => refused = Some("has exited"),
+                (false, 0) => l.started_at_ns = now_ns(),
+                (false, _) => refused = Some("is already started"),
+            }
             refused.is_none()
         });
         match refused {
             Some(why) => Err(Status::failed_precondition(format!("container {id} {why}"))),
-            None => Ok(Response::new(pb::StartContainerResponse {})),
+            None => ok(pb::StartContainerResponse {}),
         }
     }
 
@@ -530,43 +493,39 @@ impl Agent for Service {
         &self,
         req: Request<pb::RemoveContainerRequest>,
     ) -> Reply<pb::RemoveContainerResponse> {
-        self.enter("RemoveContainer")?;
-        let req = req.into_inner();
+        let req = self.enter("RemoveContainer", req)?;
         let grace = Duration::from_secs(u64::from(req.timeout_secs));
         self.remove(&req.container_id, grace).await?;
-        Ok(Response::new(pb::RemoveContainerResponse {}))
+        ok(pb::RemoveContainerResponse {})
     }
 
     async fn update_container_resources(
         &self,
         req: Request<pb::UpdateResourcesRequest>,
     ) -> Reply<pb::UpdateResourcesResponse> {
-        self.enter("UpdateContainerResources")?;
-        let req = req.into_inner();
-        let mut s = self.state();
-        let c = s
-            .containers
-            .get_mut(&req.container_id)
-            .ok_or_else(|| not_found(&req.container_id))?;
+        let req = self.enter("UpdateContainerResources", req)?;
+        let (mut s, id) = (self.state(), req.container_id);
+        let c = s.containers.get_mut(&id).ok_or_else(|| not_found(&id))?;
         if c.init.exited() {
-            let msg = format!("container {} has exited", req.container_id);
-            return Err(Status::failed_precondition(msg));
+            return Err(Status::failed_precondition(format!(
+                "container {id} has exited"
+            )));
         }
         c.resources = Some(req.resources.unwrap_or_default());
-        Ok(Response::new(pb::UpdateResourcesResponse {}))
+        ok(pb::UpdateResourcesResponse {})
     }
 
     async fn exec_process(
         &self,
         req: Request<pb::ExecProcessRequest>,
     ) -> Reply<pb::ExecProcessResponse> {
-        self.enter("ExecProcess")?;
-        let req = req.into_inner();
+        let req = self.enter("ExecProcess", req)?;
         // The real agent's checks, in its order.
-        let key_value = |kv: &String| kv.split_once('=').is_some_and(|(k, _)| !k.is_empty());
+        let key_value = |kv: &&String| kv.split_once('=').is_some_and(|(k, _)| !k.is_empty());
         if let Some(kv) = req.env.iter().find(|kv| !key_value(kv)) {
-            let msg = format!("ExecProcess: env entry {kv:?} is not KEY=VALUE");
-            return Err(Status::invalid_argument(msg));
+            return Err(Status::invalid_argument(format!(
+                "ExecProcess: env entry {kv:?} is not KEY=VALUE"
+            )));
         }
         check_id("exec", &req.exec_id)?;
         if req.args.is_empty() {
@@ -575,14 +534,13 @@ impl Agent for Service {
         if !req.cwd.is_empty() && !req.cwd.starts_with('/') {
             return Err(Status::invalid_argument("exec: cwd must be absolute"));
         }
-        // Out of the lock first: the test's script must not run under it.
+        // Taken out of its lock first: the test's script runs unlocked.
         let script = lock(&self.script).clone();
         let script = script(&req.args);
         let proc = {
-            let mut s = self.state();
+            let (mut s, id) = (self.state(), &req.container_id);
             s.last_pid += 1;
             let pid = s.last_pid;
-            let id = &req.container_id;
             let c = s.containers.get_mut(id).ok_or_else(|| not_found(id))?;
             if !c.running() {
                 return Err(Status::failed_precondition(format!(
@@ -590,11 +548,17 @@ impl Agent for Service {
                 )));
             }
             if c.execs.contains_key(&req.exec_id) {
-                let msg = format!("exec {} already exists", req.exec_id);
-                return Err(Status::already_exists(msg));
+                return Err(Status::already_exists(format!(
+                    "exec {} already exists",
+                    req.exec_id
+                )));
             }
-            let echo_stdin = script.echo_stdin.then_some(script.exit_code);
-            let p = Proc::new(pid, req.tty, req.stdin, echo_stdin);
+            let p = Proc::new(
+                pid,
+                req.tty,
+                req.stdin,
+                script.echo_stdin.then_some(script.exit_code),
+            );
             c.execs.insert(req.exec_id.clone(), p.clone());
             p
         };
@@ -608,27 +572,25 @@ impl Agent for Service {
         } else if script.runs_for.is_zero() {
             proc.end(script.exit_code, 0);
         } else {
-            let (p, shared) = (proc.clone(), self.0.clone());
+            let (p, stopped) = (proc.clone(), self.stopped.clone());
             tokio::spawn(async move {
                 let run = async {
                     tokio::select! {
                         _ = tokio::time::sleep(script.runs_for) => p.end(script.exit_code, 0),
-                        // A signal ended it first.
-                        _ = p.wait() => {}
+                        _ = p.wait() => {} // A signal ended it first.
                     }
                 };
-                let _ = shared.until_stopped(run).await;
+                let _ = unless_stopped(&stopped, run).await;
             });
         }
-        Ok(Response::new(pb::ExecProcessResponse { pid: proc.pid }))
+        ok(pb::ExecProcessResponse { pid: proc.pid })
     }
 
     async fn signal_process(
         &self,
         req: Request<pb::SignalProcessRequest>,
     ) -> Reply<pb::SignalProcessResponse> {
-        self.enter("SignalProcess")?;
-        let req = req.into_inner();
+        let req = self.enter("SignalProcess", req)?;
         let p = process_ref(req.process)?;
         if !(1..=64).contains(&req.signal) {
             return Err(Status::invalid_argument(format!(
@@ -636,40 +598,37 @@ impl Agent for Service {
                 req.signal
             )));
         }
-        // Only the container's own program ignores SIGTERM, not its execs.
+        // It is the container's program that ignores SIGTERM, not its execs.
         let ignores = p.exec_id.is_empty() && self.state().ignore_sigterm.contains(&p.container_id);
         self.lookup(&p)?.signal(req.signal, ignores);
-        Ok(Response::new(pb::SignalProcessResponse {}))
+        ok(pb::SignalProcessResponse {})
     }
 
     async fn wait_process(
         &self,
         req: Request<pb::WaitProcessRequest>,
     ) -> Reply<pb::WaitProcessResponse> {
-        self.enter("WaitProcess")?;
-        let p = process_ref(req.into_inner().process)?;
-        let proc = self.lookup(&p)?;
-        let ended = self.until_stopped(proc.wait()).await?;
-        if !p.exec_id.is_empty() {
-            // The real agent forgets an exec once it has been waited for.
-            if let Some(c) = self.state().containers.get_mut(&p.container_id) {
-                c.execs.remove(&p.exec_id);
-            }
+        let p = process_ref(self.enter("WaitProcess", req)?.process)?;
+        let ended = unless_stopped(&self.stopped, self.lookup(&p)?.wait()).await?;
+        // The real agent forgets an exec once it has been waited for.
+        if let Some(c) = self.state().containers.get_mut(&p.container_id) {
+            c.execs.remove(&p.exec_id);
         }
-        Ok(Response::new(ended))
+        ok(ended)
     }
 
     async fn write_stdin(
         &self,
         req: Request<Streaming<pb::StdinChunk>>,
     ) -> Reply<pb::WriteStdinResponse> {
-        self.enter("WriteStdin")?;
-        let mut chunks = req.into_inner();
-        let mut chunk = self.until_stopped(chunks.next()).await?.transpose()?;
+        let mut chunks = self.enter("WriteStdin", req)?;
+        let mut chunk = unless_stopped(&self.stopped, chunks.next())
+            .await?
+            .transpose()?;
         // Only the first message names the process.
         let proc = match &chunk {
             Some(first) => self.lookup(&process_ref(first.process.clone())?)?,
-            None => return Ok(Response::new(pb::WriteStdinResponse { bytes_written: 0 })),
+            None => return ok(pb::WriteStdinResponse { bytes_written: 0 }),
         };
         let mut bytes_written = 0;
         while let Some(c) = chunk {
@@ -678,9 +637,11 @@ impl Agent for Service {
             if c.eof {
                 break;
             }
-            chunk = self.until_stopped(chunks.next()).await?.transpose()?;
+            chunk = unless_stopped(&self.stopped, chunks.next())
+                .await?
+                .transpose()?;
         }
-        Ok(Response::new(pb::WriteStdinResponse { bytes_written }))
+        ok(pb::WriteStdinResponse { bytes_written })
     }
 
     type ReadOutputStream = BoxStream<pb::OutputChunk>;
@@ -689,12 +650,10 @@ impl Agent for Service {
         &self,
         req: Request<pb::ReadOutputRequest>,
     ) -> Reply<Self::ReadOutputStream> {
-        self.enter("ReadOutput")?;
-        let req = req.into_inner();
+        let req = self.enter("ReadOutput", req)?;
         let mut life = self.lookup(&process_ref(req.process)?)?.life.subscribe();
-        let mut pos = req.from_offset;
+        let (mut pos, stopped) = (req.from_offset, self.stopped.clone());
         let (tx, rx) = mpsc::channel(4);
-        let shared = self.0.clone();
         tokio::spawn(async move {
             loop {
                 // What is new since `pos`, cut to start there; and whether
@@ -728,7 +687,7 @@ impl Agent for Service {
                 if ended {
                     return;
                 }
-                match shared.until_stopped(life.changed()).await {
+                match unless_stopped(&stopped, life.changed()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(status) => {
@@ -738,55 +697,53 @@ impl Agent for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     async fn resize_tty(&self, req: Request<pb::ResizeTtyRequest>) -> Reply<pb::ResizeTtyResponse> {
-        self.enter("ResizeTty")?;
-        let req = req.into_inner();
+        let req = self.enter("ResizeTty", req)?;
         let p = process_ref(req.process)?;
-        for (v, what) in [(req.rows, "rows"), (req.cols, "cols")] {
-            if v > u32::from(u16::MAX) {
-                return Err(Status::invalid_argument(format!(
-                    "ResizeTty: {what} {v} exceeds 65535"
-                )));
-            }
+        if let Some(v) = [req.rows, req.cols]
+            .into_iter()
+            .find(|v| *v > u32::from(u16::MAX))
+        {
+            return Err(Status::invalid_argument(format!(
+                "ResizeTty: {v} exceeds 65535"
+            )));
         }
         if !self.lookup(&p)?.tty {
             return Err(Status::failed_precondition(
-                "the process has no terminal: it was not started with a TTY",
+                "the process was not started with a TTY",
             ));
         }
-        Ok(Response::new(pb::ResizeTtyResponse {}))
+        ok(pb::ResizeTtyResponse {})
     }
 
     async fn container_stats(
         &self,
         req: Request<pb::ContainerStatsRequest>,
     ) -> Reply<pb::ContainerStatsResponse> {
-        self.enter("ContainerStats")?;
-        let mut ids = req.into_inner().container_ids;
+        let mut ids = self.enter("ContainerStats", req)?.container_ids;
         let s = self.state();
         if ids.is_empty() {
             ids = s.containers.keys().cloned().collect();
         }
-        // As the real agent: an unknown ID fails the whole call.
-        let stats = ids
-            .into_iter()
-            .map(|id| match s.containers.get(&id) {
-                Some(c) => Ok((id, c.stats())),
-                None => Err(not_found(&id)),
-            })
-            .collect::<Result<_, Status>>()?;
-        Ok(Response::new(pb::ContainerStatsResponse { stats }))
+        // As in the real agent, an unknown ID fails the whole call.
+        let stats = ids.into_iter().map(|id| match s.containers.get(&id) {
+            Some(c) => Ok((id, c.stats())),
+            None => Err(not_found(&id)),
+        });
+        ok(pb::ContainerStatsResponse {
+            stats: stats.collect::<Result<_, _>>()?,
+        })
     }
 
     async fn sandbox_stats(
         &self,
-        _: Request<pb::SandboxStatsRequest>,
+        req: Request<pb::SandboxStatsRequest>,
     ) -> Reply<pb::SandboxStatsResponse> {
-        self.enter("SandboxStats")?;
-        // The sum of the containers', as their parent cgroup would count.
+        self.enter("SandboxStats", req)?;
+        // The sum of the containers', as their parent cgroup counts.
         let mut t = pb::CgroupStats {
             timestamp_ns: now_ns(),
             ..Default::default()
@@ -800,7 +757,7 @@ impl Agent for Service {
             t.memory_major_page_faults += c.memory_major_page_faults;
             t.pids_current += c.pids_current;
         }
-        Ok(Response::new(pb::SandboxStatsResponse { stats: Some(t) }))
+        ok(pb::SandboxStatsResponse { stats: Some(t) })
     }
 
     type PortForwardStream = BoxStream<pb::ForwardChunk>;
@@ -809,64 +766,62 @@ impl Agent for Service {
         &self,
         req: Request<Streaming<pb::ForwardChunk>>,
     ) -> Reply<Self::PortForwardStream> {
-        self.enter("PortForward")?;
-        let mut inbound = req.into_inner();
-        let first = self.until_stopped(inbound.next()).await?.transpose()?;
-        let first = first.ok_or_else(|| {
-            Status::invalid_argument("PortForward: the stream ended before its port")
-        })?;
+        let mut inbound = self.enter("PortForward", req)?;
+        let first = unless_stopped(&self.stopped, inbound.next())
+            .await?
+            .transpose()?;
+        let first = first.ok_or_else(|| Status::invalid_argument("PortForward: no port"))?;
         if !(1..=65535).contains(&first.port) {
-            let msg = format!("PortForward: port {} is not 1-65535", first.port);
-            return Err(Status::invalid_argument(msg));
+            return Err(Status::invalid_argument(format!(
+                "PortForward: port {} is not 1-65535",
+                first.port
+            )));
         }
         let (tx, rx) = mpsc::channel(4);
-        let shared = self.0.clone();
+        let stopped = self.stopped.clone();
         // Every port has an echo server; the host's EOF gets ours back.
         tokio::spawn(async move {
             let mut chunk = Some(first);
             while let Some(c) = chunk {
+                let (data, eof) = (c.data, c.eof);
                 let echo = pb::ForwardChunk {
-                    data: c.data,
+                    data,
                     ..Default::default()
                 };
                 if !echo.data.is_empty() && tx.send(Ok(echo)).await.is_err() {
                     return;
                 }
-                if c.eof {
+                if eof {
                     let _ = tx
                         .send(Ok(pb::ForwardChunk {
-                            eof: true,
+                            eof,
                             ..Default::default()
                         }))
                         .await;
                     return;
                 }
                 // The host went away, or the fake stopped: drop the connection.
-                chunk = shared
-                    .until_stopped(inbound.next())
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(Result::ok);
+                let next = unless_stopped(&stopped, inbound.next()).await;
+                chunk = next.ok().flatten().and_then(Result::ok);
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    async fn shutdown(&self, _: Request<pb::ShutdownRequest>) -> Reply<pb::ShutdownResponse> {
-        self.enter("Shutdown")?;
-        // As the real agent: containers go first, then the "VM", once the
-        // reply had time to leave.
+    async fn shutdown(&self, req: Request<pb::ShutdownRequest>) -> Reply<pb::ShutdownResponse> {
+        self.enter("Shutdown", req)?;
+        // As the real agent: containers first, then the "VM", once the
+        // reply has had time to leave.
         let ids: Vec<String> = self.state().containers.keys().cloned().collect();
         for id in ids {
             self.remove(&id, Duration::ZERO).await?;
         }
-        let shared = self.0.clone();
+        let stopped = self.stopped.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            shared.stop();
+            stopped.send_replace(true);
         });
-        Ok(Response::new(pb::ShutdownResponse {}))
+        ok(pb::ShutdownResponse {})
     }
 }
 
@@ -891,15 +846,16 @@ impl FakeAgent {
             booted: Instant::now(),
         });
         let mut stopped = shared.stopped.subscribe();
-        let service = AgentServer::new(Service(shared.clone()));
+        let router =
+            tonic::transport::Server::builder().add_service(AgentServer::from_arc(shared.clone()));
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            let incoming = UnixListenerStream::new(listener);
-            let router = tonic::transport::Server::builder().add_service(service);
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                eprintln!("FakeAgent: server failed: {e}");
+            let served =
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
+            if let Err(e) = served.await {
+                eprintln!("FakeAgent: the server failed: {e}");
             }
         });
         FakeAgent {
@@ -910,24 +866,23 @@ impl FakeAgent {
 
     /// Stops the server and waits until it has ended.
     pub async fn shutdown(mut self) {
-        self.shared.stop();
+        self.shared.stopped.send_replace(true);
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
     }
 
-    /// The RPCs received so far, in order, by their names in agent.proto
-    /// (`"CreateContainer"`), failed ones included.
+    /// The RPCs received so far, in order, named as in agent.proto
+    /// (`"CreateContainer"`); failed ones too.
     pub fn calls(&self) -> Vec<String> {
         self.shared.state().calls.clone()
     }
 
     /// Fails the next call of `rpc` (named as in [`FakeAgent::calls`]) with
-    /// `code`, before it does anything; calls again queue more failures.
+    /// `code` before it does anything; repeated, it fails as many calls.
     pub fn fail_next(&self, rpc: &str, code: Code) {
-        self.shared
-            .state()
-            .failures
+        let mut s = self.shared.state();
+        s.failures
             .entry(rpc.to_string())
             .or_default()
             .push_back(code);
@@ -938,7 +893,7 @@ impl FakeAgent {
         self.init(container_id).end(code, 0);
     }
 
-    /// Has container `id`'s init write `data` (ignored once it has ended).
+    /// Has container `id`'s init write `data` (dropped once it has ended).
     pub fn emit(&self, container_id: &str, stream: Out, data: &[u8]) {
         self.init(container_id).emit(stream, data);
     }
@@ -976,7 +931,7 @@ impl FakeAgent {
 
 impl Drop for FakeAgent {
     fn drop(&mut self) {
-        self.shared.stop();
+        self.shared.stopped.send_replace(true);
     }
 }
 
@@ -1001,6 +956,13 @@ mod tests {
     /// Fails the test instead of hanging it.
     async fn soon<T>(fut: impl Future<Output = T>) -> T {
         tokio::time::timeout(SECOND, fut).await.expect("timed out")
+    }
+
+    /// Whether `fut` is still pending after 100 ms.
+    async fn pending<T>(fut: impl Future<Output = T>) -> bool {
+        tokio::time::timeout(Duration::from_millis(100), fut)
+            .await
+            .is_err()
     }
 
     fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
@@ -1036,16 +998,18 @@ mod tests {
         agent.start_container(id).await.unwrap();
     }
 
+    /// Runs `args` as exec `exec_id` in container c1.
     async fn exec(
         agent: &Client,
         exec_id: &str,
         args: &[&str],
         stdin: bool,
     ) -> Result<u32, ClientError> {
+        let (container_id, exec_id) = ("c1".into(), exec_id.into());
         let args = args.iter().map(|a| a.to_string()).collect();
         let req = pb::ExecProcessRequest {
-            container_id: "c1".into(),
-            exec_id: exec_id.into(),
+            container_id,
+            exec_id,
             args,
             stdin,
             ..Default::default()
@@ -1057,11 +1021,29 @@ mod tests {
     async fn output(agent: &Client, p: pb::ProcessRef, from: u64) -> Vec<(u64, Out, Vec<u8>)> {
         let mut out = agent.read_output(p, from).await.unwrap();
         let mut got = Vec::new();
-        while let Some(c) = soon(out.next()).await {
-            let c = c.unwrap();
+        while let Some(c) = soon(out.next()).await.map(Result::unwrap) {
             got.push((c.offset, c.stream(), c.data));
         }
         got
+    }
+
+    /// Waits for container `id` in the background, from when the fake has
+    /// the call (so that what the test does next happens during it).
+    async fn waiter(
+        fake: &FakeAgent,
+        agent: &Client,
+        id: &str,
+    ) -> JoinHandle<Result<pb::WaitProcessResponse, ClientError>> {
+        let waits = || fake.calls().iter().filter(|c| *c == "WaitProcess").count();
+        let (before, agent, p) = (waits(), agent.clone(), proc(id, ""));
+        let task = tokio::spawn(async move { agent.wait(p).await });
+        soon(async {
+            while waits() == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        task
     }
 
     #[tokio::test]
@@ -1091,12 +1073,9 @@ mod tests {
             code(agent.start_container("c1").await),
             Code::FailedPrecondition
         );
-        let waiter = tokio::spawn({
-            let agent = agent.clone();
-            async move { agent.wait(proc("c1", "")).await }
-        });
+        let waiting = waiter(&fake, &agent, "c1").await;
         fake.exit("c1", 3);
-        let ended = soon(waiter).await.unwrap().unwrap();
+        let ended = soon(waiting).await.unwrap().unwrap();
         assert_eq!(
             (ended.exit_code, ended.signal, ended.reason()),
             (3, 0, Reason::Exited)
@@ -1176,8 +1155,10 @@ mod tests {
             code(exec(&agent, "e3", &["true"], false).await),
             Code::AlreadyExists
         );
-        let short = tokio::time::timeout(Duration::from_millis(100), agent.wait(proc("c1", "e3")));
-        assert!(short.await.is_err(), "sleep 5 ended early");
+        assert!(
+            pending(agent.wait(proc("c1", "e3"))).await,
+            "sleep 5 ended early"
+        );
         agent.signal(proc("c1", "e3"), SIGKILL).await.unwrap();
         let ended = soon(agent.wait(proc("c1", "e3"))).await.unwrap();
         assert_eq!((ended.exit_code, ended.reason()), (137, Reason::Signaled));
@@ -1220,8 +1201,10 @@ mod tests {
         // Signalling what has ended is no error.
         agent.signal(proc("c1", ""), SIGKILL).await.unwrap();
         agent.signal(proc("c2", ""), SIGTERM).await.unwrap();
-        let short = tokio::time::timeout(Duration::from_millis(100), agent.wait(proc("c2", "")));
-        assert!(short.await.is_err(), "c2 ignores SIGTERM");
+        assert!(
+            pending(agent.wait(proc("c2", ""))).await,
+            "c2 ignores SIGTERM"
+        );
         agent.signal(proc("c2", ""), SIGKILL).await.unwrap();
         assert_eq!(
             soon(agent.wait(proc("c2", ""))).await.unwrap().exit_code,
@@ -1229,14 +1212,11 @@ mod tests {
         );
         // Removal with a grace: SIGTERM ends c3 at once, well within it.
         running(&agent, "c3").await;
-        let waiter = tokio::spawn({
-            let agent = agent.clone();
-            async move { agent.wait(proc("c3", "")).await }
-        });
+        let waiting = waiter(&fake, &agent, "c3").await;
         soon(agent.remove_container("c3", Duration::from_secs(30)))
             .await
             .unwrap();
-        assert_eq!(soon(waiter).await.unwrap().unwrap().signal, SIGTERM);
+        assert_eq!(soon(waiting).await.unwrap().unwrap().signal, SIGTERM);
     }
 
     #[tokio::test]
@@ -1272,8 +1252,7 @@ mod tests {
         tx.send(Bytes::from_static(b"ping")).await.unwrap();
         drop(tx);
         assert_eq!(
-            agent
-                .write_stdin(proc("c1", "cat"), rx, true)
+            soon(agent.write_stdin(proc("c1", "cat"), rx, true))
                 .await
                 .unwrap(),
             4
@@ -1286,11 +1265,9 @@ mod tests {
             soon(agent.wait(proc("c1", "cat"))).await.unwrap().exit_code,
             0
         );
-        let (_tx, rx) = mpsc::channel(1);
-        assert_eq!(
-            code(agent.write_stdin(proc("c1", ""), rx, true).await),
-            Code::FailedPrecondition
-        );
+        let (_, rx) = mpsc::channel(1);
+        let no_stdin = soon(agent.write_stdin(proc("c1", ""), rx, true)).await;
+        assert_eq!(code(no_stdin), Code::FailedPrecondition);
         assert_eq!(
             code(agent.resize(proc("c1", ""), 24, 80).await),
             Code::FailedPrecondition
@@ -1326,12 +1303,9 @@ mod tests {
     async fn shutdown_ends_the_containers_then_the_server() {
         let (dir, fake, agent) = start().await;
         running(&agent, "c1").await;
-        let waiter = tokio::spawn({
-            let agent = agent.clone();
-            async move { agent.wait(proc("c1", "")).await }
-        });
+        let waiting = waiter(&fake, &agent, "c1").await;
         agent.shutdown().await.unwrap();
-        assert_eq!(soon(waiter).await.unwrap().unwrap().signal, SIGKILL);
+        assert_eq!(soon(waiting).await.unwrap().unwrap().signal, SIGKILL);
         soon(fake.shutdown()).await;
         let addr = AgentAddr::Unix(dir.path().join("agent.sock"));
         let again =
@@ -1343,12 +1317,8 @@ mod tests {
     async fn dropping_the_fake_ends_calls_in_flight() {
         let (_dir, fake, agent) = start().await;
         running(&agent, "c1").await;
-        let waiter = tokio::spawn({
-            let agent = agent.clone();
-            async move { agent.wait(proc("c1", "")).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiting = waiter(&fake, &agent, "c1").await;
         drop(fake);
-        assert_eq!(code(soon(waiter).await.unwrap()), Code::Unavailable);
+        assert_eq!(code(soon(waiting).await.unwrap()), Code::Unavailable);
     }
 }
