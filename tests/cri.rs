@@ -220,40 +220,74 @@ fn runtime_identity_status_and_config() {
     });
 }
 
+/// Runs pod `name` (attempt 0) with `labels`; its ID.
+async fn run(
+    rt: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> String {
+    rt.run_pod_sandbox(pod(name, 0, labels))
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Runs pods `a` (`app=web`) and `b` (`app=db`) at once; their IDs.
+async fn run_web_and_db(rt: &RuntimeServiceClient<Channel>, a: &str, b: &str) -> (String, String) {
+    let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
+    tokio::join!(
+        run(&mut rt_a, a, &[("app", "web")]),
+        run(&mut rt_b, b, &[("app", "db")])
+    )
+}
+
+async fn stop(rt: &mut RuntimeServiceClient<Channel>, id: &str) {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+}
+
+async fn remove(rt: &mut RuntimeServiceClient<Channel>, id: &str) {
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+/// A new pod is ready, with a 64-character ID, its name, labels, handler and
+/// process; its metadata again is AlreadyExists.
 #[test]
-fn pod_sandbox_lifecycle_filters_events_and_errors() {
-    let scratch = Scratch::new("cri-lifecycle").unwrap();
+fn run_pod_sandbox_gives_a_ready_pod_once_per_metadata() {
+    let scratch = Scratch::new("cri-run").unwrap();
     let daemon = start_daemon(&scratch.0);
     rt().block_on(async {
         let (mut rt, _) = clients(&daemon).await;
-        let mut events = rt
-            .get_container_events(cri::GetEventsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-
-        let a = rt
-            .run_pod_sandbox(pod("a", 0, &[("app", "web")]))
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
-        let b = rt
-            .run_pod_sandbox(pod("b", 0, &[("app", "db")]))
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
+        let a = run(&mut rt, "ready", &[("app", "web")]).await;
         assert_eq!(a.len(), 64);
         let sa = status(&mut rt, &a).await.unwrap();
         assert_eq!(state(&sa), READY);
         let st = sa.status.as_ref().unwrap();
-        assert_eq!(st.metadata.as_ref().unwrap().name, "a");
+        assert_eq!(st.metadata.as_ref().unwrap().name, "ready");
         assert_eq!(st.labels["app"], "web");
         assert_eq!(st.runtime_handler, "vmcri-process");
         assert!(verbose_pid(&sa).is_some(), "{:?}", sa.info);
+        let dup = rt.run_pod_sandbox(pod("ready", 0, &[])).await.unwrap_err();
+        assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+        remove(&mut rt, &a).await;
+    });
+}
 
-        // Filters: ID prefix, label selector, state.
+#[test]
+fn list_pod_sandbox_filters_by_id_prefix_label_and_state() {
+    let scratch = Scratch::new("cri-list").unwrap();
+    let daemon = start_daemon(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
+        let (a, b) = run_web_and_db(&rt, "web", "db").await;
         assert_eq!(
             list(
                 &mut rt,
@@ -265,61 +299,57 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
             .await,
             vec![a.clone()]
         );
-        let web = cri::PodSandboxFilter {
+        let db = cri::PodSandboxFilter {
             label_selector: [("app".to_string(), "db".to_string())].into(),
             ..Default::default()
         };
-        assert_eq!(list(&mut rt, web).await, vec![b.clone()]);
+        assert_eq!(list(&mut rt, db).await, vec![b.clone()]);
         assert_eq!(
             list(&mut rt, cri::PodSandboxFilter::default()).await.len(),
             2
         );
-
-        // Same metadata again: AlreadyExists; a new attempt is fine.
-        let dup = rt.run_pod_sandbox(pod("a", 0, &[])).await.unwrap_err();
-        assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
-
-        // Stop is idempotent; a stopped sandbox is NotReady.
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: a.clone(),
-        })
-        .await
-        .unwrap();
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: a.clone(),
-        })
-        .await
-        .unwrap();
-        let sa = status(&mut rt, &a).await.unwrap();
-        assert_eq!(state(&sa), NOTREADY);
-        assert_eq!(verbose_pid(&sa), None, "no process once stopped");
+        stop(&mut rt, &a).await;
         let ready = cri::PodSandboxFilter {
             state: Some(cri::PodSandboxStateValue { state: READY }),
             ..Default::default()
         };
         assert_eq!(list(&mut rt, ready).await, vec![b.clone()]);
+        remove(&mut rt, &a).await;
+        remove(&mut rt, &b).await;
+    });
+}
 
-        // Remove is idempotent; afterwards the sandbox is NotFound.
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: a.clone(),
-        })
-        .await
-        .unwrap();
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: a.clone(),
-        })
-        .await
-        .unwrap();
+/// Stop and remove, each twice without error: a stopped pod is NotReady
+/// with no process, a removed one NotFound, and removing a running pod
+/// stops it first; each pod's events say created, started, stopped,
+/// deleted, in order.
+#[test]
+fn a_pod_goes_ready_notready_removed_with_an_event_at_each_step() {
+    let scratch = Scratch::new("cri-lifecycle").unwrap();
+    let daemon = start_daemon(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
+        let mut events = rt
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let (a, b) = run_web_and_db(&rt, "a", "b").await;
+
+        stop(&mut rt, &a).await;
+        stop(&mut rt, &a).await;
+        let sa = status(&mut rt, &a).await.unwrap();
+        assert_eq!(state(&sa), NOTREADY);
+        assert_eq!(verbose_pid(&sa), None, "no process once stopped");
+
+        remove(&mut rt, &a).await;
+        remove(&mut rt, &a).await;
         assert_eq!(
             status(&mut rt, &a).await.unwrap_err().code(),
             Code::NotFound
         );
         // Removing a running sandbox stops it first.
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: b.clone(),
-        })
-        .await
-        .unwrap();
+        remove(&mut rt, &b).await;
         assert!(list(&mut rt, cri::PodSandboxFilter::default())
             .await
             .is_empty());
@@ -352,8 +382,18 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
                 "{id}"
             );
         }
+    });
+}
 
-        // Bad requests.
+/// No metadata, a relative log directory, an unknown handler (named in
+/// the message) or an empty ID are InvalidArgument; an unknown pod's
+/// status or stop is NotFound.
+#[test]
+fn malformed_pod_requests_are_refused_with_their_codes() {
+    let scratch = Scratch::new("cri-bad-pods").unwrap();
+    let daemon = start_daemon(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
         let mut no_meta = pod("c", 0, &[]);
         no_meta.config.as_mut().unwrap().metadata = None;
         assert_eq!(
@@ -386,14 +426,19 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
+    });
+}
 
-        // Container error paths (the lifecycle itself: containers.rs).
-        let c = rt
-            .run_pod_sandbox(pod("c", 0, &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
+/// Container error paths (the lifecycle itself: containers.rs): an
+/// unknown pod, no image, an image not pulled (saying so) and an unknown
+/// container, none leaving a container behind.
+#[test]
+fn container_requests_without_a_pod_image_or_container_fail_with_their_codes() {
+    let scratch = Scratch::new("cri-container-errors").unwrap();
+    let daemon = start_daemon(&scratch.0);
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
+        let c = run(&mut rt, "c", &[]).await;
         let create = |sandbox: &str, image: &str| cri::CreateContainerRequest {
             pod_sandbox_id: sandbox.into(),
             config: Some(cri::ContainerConfig {
@@ -445,9 +490,7 @@ fn pod_sandbox_lifecycle_filters_events_and_errors() {
             .into_inner()
             .containers
             .is_empty());
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: c })
-            .await
-            .unwrap();
+        remove(&mut rt, &c).await;
     });
 }
 

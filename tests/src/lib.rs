@@ -234,11 +234,11 @@ impl Daemon {
             .arg(&self.root)
             .spawn()
             .expect("spawn vmcri serve");
-        for _ in 0..200 {
+        for _ in 0..1000 {
             if self.socket.exists() {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("vmcri serve did not create its socket");
     }

@@ -2,12 +2,15 @@
 //! backend by default and a microVM handler, a busybox image in a registry
 //! on loopback, and short forms of the CRI calls.
 
-use crate::registry::{busybox_layout, push, start_registry, Entry, Registry};
+use crate::registry::{
+    busybox_layout, push, start_registry, start_registry_in_memory, Entry, Registry,
+};
 use crate::{artifacts, Daemon, Scratch};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -35,16 +38,23 @@ pub fn setup(s: &Scratch) -> Setup {
 /// As [`setup`], with `extra` appended to the daemon's config.
 pub fn setup_with(s: &Scratch, extra: &str) -> Setup {
     let registry = start_registry(&s.0);
-    let layout = busybox_layout(
-        &s.0,
-        &[Entry::File("etc/image-file", b"from the image\n", 0o644)],
-        IMAGE_CONFIG,
-    );
-    push(&layout, registry.port, "busybox");
+    push(&test_image_layout(&s.0), registry.port, "busybox");
+    let daemon = process_daemon(&s.0, extra);
+    Setup {
+        image: format!("127.0.0.1:{}/busybox:v1", registry.port),
+        _registry: registry,
+        daemon,
+        dir: s.0.clone(),
+    }
+}
+
+/// A daemon in `dir` using the process backend by default (`vmcri` runs
+/// pods in microVMs), with `extra` appended to its config: for tests that
+/// need no image.
+pub fn process_daemon(dir: &Path, extra: &str) -> Daemon {
     let a = artifacts();
-    // The process backend by default; `vmcri` runs pods in microVMs.
-    let daemon = Daemon::start(
-        &s.0,
+    Daemon::start(
+        dir,
         &format!(
             "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{extra}",
             a.agent.display(),
@@ -52,13 +62,63 @@ pub fn setup_with(s: &Scratch, extra: &str) -> Setup {
             a.agent_initrd.display(),
             a.vmm.display(),
         ),
-    );
-    Setup {
-        image: format!("127.0.0.1:{}/busybox:v1", registry.port),
-        _registry: registry,
-        daemon,
-        dir: s.0.clone(),
+    )
+}
+
+/// The reference of the test image in a registry shared by the tests of
+/// this process, for tests that only pull it: none of them starts a
+/// registry or pushes. The registry starts on first use, from a thread
+/// that lasts as long as the process, and dies with the process.
+pub fn shared_test_image() -> String {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    let port = *PORT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let s = Scratch::new("shared-registry").unwrap();
+            let registry = start_registry_in_memory(&s.0);
+            push(&test_image_layout(&s.0), registry.port, "busybox");
+            tx.send(registry.port).unwrap();
+            // Its config is read and the image held in memory.
+            drop(s);
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the shared registry did not start")
+    });
+    format!("127.0.0.1:{port}/busybox:v1")
+}
+
+/// The test image's OCI layout, written to `dir`. Its files are built once
+/// per test process (compressing busybox takes a while in a debug build)
+/// and copied for every later setup.
+fn test_image_layout(dir: &Path) -> PathBuf {
+    static FILES: OnceLock<Vec<(PathBuf, Vec<u8>)>> = OnceLock::new();
+    let layout = dir.join("layout");
+    let files = FILES.get_or_init(|| {
+        let built = busybox_layout(
+            dir,
+            &[Entry::File("etc/image-file", b"from the image\n", 0o644)],
+            IMAGE_CONFIG,
+        );
+        let blobs = std::fs::read_dir(built.join("blobs/sha256"))
+            .unwrap()
+            .map(|e| Path::new("blobs/sha256").join(e.unwrap().file_name()));
+        ["index.json", "oci-layout"]
+            .into_iter()
+            .map(PathBuf::from)
+            .chain(blobs)
+            .map(|rel| {
+                let data = std::fs::read(built.join(&rel)).unwrap();
+                (rel, data)
+            })
+            .collect()
+    });
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    for (rel, data) in files {
+        std::fs::write(layout.join(rel), data).unwrap();
     }
+    layout
 }
 
 /// Two host directories for volumes: `data` (with `file` holding
@@ -227,7 +287,7 @@ pub async fn wait_state(
             Instant::now() < deadline,
             "container {id} never reached {state:?}: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -244,7 +304,7 @@ pub async fn wait_for_log(path: &Path, needle: &str) -> String {
             "{} never contained {needle:?}:\n{text}",
             path.display()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -47,23 +47,54 @@ pub fn start_registry(dir: &Path) -> Registry {
 /// Starts a registry that, given an htpasswd file (bcrypt), demands
 /// basic auth for everything.
 pub fn start_registry_with(dir: &Path, htpasswd: Option<&Path>) -> Registry {
-    let port = free_port();
-    let config = dir.join("registry.yml");
     let auth = htpasswd.map_or(String::new(), |p| {
         format!(
             "auth:\n  htpasswd:\n    realm: vmcri-test\n    path: {}\n",
             p.display()
         )
     });
+    let storage = format!(
+        "filesystem:\n    rootdirectory: {}",
+        dir.join("registry-data").display()
+    );
+    spawn_registry(dir, &storage, &auth, Command::new("docker-registry"))
+}
+
+/// Starts a registry that keeps its images in memory and is killed when
+/// the thread that starts it ends (its parent-death signal): started from
+/// a thread that lasts as long as the test process, it is a registry the
+/// process's tests can share and that ends with them.
+pub fn start_registry_in_memory(dir: &Path) -> Registry {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("docker-registry");
+    // SAFETY: prctl(2) is async-signal-safe and only arms the child's own
+    // parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    spawn_registry(dir, "inmemory: {}", "", cmd)
+}
+
+/// Runs `cmd` as a registry on a free port with `storage` (YAML under
+/// `storage:`) and `auth` (YAML, may be empty), its config in `dir`, and
+/// waits until it listens.
+fn spawn_registry(dir: &Path, storage: &str, auth: &str, mut cmd: Command) -> Registry {
+    let port = free_port();
+    let config = dir.join("registry.yml");
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-            dir.join("registry-data").display()
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  {storage}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}"
         ),
     )
     .unwrap();
-    let child = Command::new("docker-registry")
+    let child = cmd
         .arg("serve")
         .arg(&config)
         .stdout(Stdio::null())
@@ -72,11 +103,11 @@ pub fn start_registry_with(dir: &Path, htpasswd: Option<&Path>) -> Registry {
         .expect("docker-registry (Debian package docker-registry) must be installed");
     // Owned from here, so a failed start still reaps it.
     let registry = Registry { child, port };
-    for _ in 0..100 {
+    for _ in 0..1000 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return registry;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
     panic!("docker-registry did not start");
 }
