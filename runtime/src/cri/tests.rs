@@ -642,6 +642,60 @@ async fn bad_requests_are_invalid_argument_and_missing_images_not_found() {
 }
 
 #[tokio::test]
+async fn image_requests_without_an_image_are_invalid_argument_and_absent_images_no_error() {
+    let d = Daemon::start().await;
+    let spec = |name: &str| {
+        Some(cri::ImageSpec {
+            image: name.into(),
+            ..Default::default()
+        })
+    };
+    let status = |image| cri::ImageStatusRequest {
+        image,
+        verbose: false,
+    };
+    let r = d.cri.image_status(Request::new(status(None))).await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = d.cri.image_status(Request::new(status(spec("")))).await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    // Absent: an answer without an image, not an error.
+    let absent = d
+        .cri
+        .image_status(Request::new(status(spec("registry.test/absent:1"))));
+    assert_eq!(absent.await.unwrap().into_inner().image, None);
+    let found = d.cri.image_status(Request::new(status(spec(IMAGE))));
+    assert!(found.await.unwrap().into_inner().image.is_some());
+    let pull = |image| cri::PullImageRequest {
+        image,
+        ..Default::default()
+    };
+    let r = d.cri.pull_image(Request::new(pull(spec("")))).await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = d
+        .cri
+        .pull_image(Request::new(pull(spec("Not A Reference"))))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let bad_auth = cri::PullImageRequest {
+        image: spec(IMAGE),
+        auth: Some(cri::AuthConfig {
+            auth: "%%%".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let r = d.cri.pull_image(Request::new(bad_auth)).await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let remove = cri::RemoveImageRequest { image: spec("") };
+    let r = d.cri.remove_image(Request::new(remove)).await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let list = d
+        .cri
+        .list_images(Request::new(cri::ListImagesRequest::default()));
+    assert_eq!(list.await.unwrap().into_inner().images.len(), 1);
+}
+
+#[tokio::test]
 async fn an_image_in_use_cannot_be_removed() {
     let d = Daemon::start().await;
     let pod_id = run(&d, "web").await;
