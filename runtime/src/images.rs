@@ -29,7 +29,7 @@ pub enum ImageError {
     /// The image table could not be saved.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Reading an image's files.
+    /// Local I/O on an image's files or the content store.
     #[error("image {path}: {source}")]
     Io {
         /// Path.

@@ -49,8 +49,15 @@ pub fn spawn_detached(
         });
     }
     let mut child = cmd.spawn()?;
-    let pid = i32::try_from(child.id())
-        .map_err(|_| std::io::Error::other(format!("PID {} does not fit a pid_t", child.id())))?;
+    let Ok(pid) = i32::try_from(child.id()) else {
+        // Linux PIDs fit a pid_t; should one not, nothing is left behind.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other(format!(
+            "PID {} does not fit a pid_t",
+            child.id()
+        )));
+    };
     // Reap it when it exits, for as long as this daemon lives; after a
     // daemon restart the process is no longer our child.
     std::thread::Builder::new()

@@ -2,7 +2,8 @@
 //! `vmcri-vmm` per pod with the agent as the guest's init; [`process`]
 //! starts the same agent on the host in fresh namespaces. Everything
 //! above this module drives a sandbox through [`SandboxBackend`] and
-//! never asks which kind it has.
+//! never asks which kind it has ([`host_process`] serves both: recovery
+//! finds either kind's process with it).
 
 pub mod host_process;
 pub mod microvm;
@@ -161,6 +162,7 @@ impl Backends {
     }
 
     /// One backend serving every kind (tests).
+    #[cfg(test)]
     pub fn only(backend: Arc<dyn SandboxBackend>) -> Backends {
         Backends {
             microvm: backend.clone(),

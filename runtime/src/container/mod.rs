@@ -176,6 +176,8 @@ fn taken(
     })
 }
 
+/// The agent's name for process `exec_id` of container `id` (its init
+/// when `exec_id` is empty).
 pub(crate) fn pref(id: &str, exec_id: &str) -> pb::ProcessRef {
     pb::ProcessRef {
         container_id: id.to_string(),
@@ -184,8 +186,8 @@ pub(crate) fn pref(id: &str, exec_id: &str) -> pb::ProcessRef {
 }
 
 impl Containers {
-    /// Loads the containers of every known sandbox and resumes supervising
-    /// the live ones; containers of sandboxes that are gone are Exited.
+    /// The containers of `records` (what the store held): the live ones of
+    /// ready sandboxes are supervised again, the others are Exited.
     pub fn recover(
         sandboxes: Arc<Sandboxes>,
         images: Arc<Images>,

@@ -438,8 +438,7 @@ impl RuntimeService for Cri {
         let sandbox = self
             .sandboxes
             .sandbox(&req.into_inner().pod_sandbox_id)?
-            .ready()
-            .map_err(crate::container::ContainerError::from)?;
+            .ready()?;
         let stats = self.pod_stats(&sandbox.record).await?;
         Ok(Response::new(cri::PodSandboxStatsResponse {
             stats: Some(stats),

@@ -331,6 +331,30 @@ async fn exec_sync_returns_output_and_exit_code_and_keeps_its_deadline() {
 }
 
 #[tokio::test]
+async fn a_sandboxs_calls_and_streams_share_one_agent_channel() {
+    let d = Daemon::start().await;
+    let pod_id = run(&d, "web").await;
+    let id = create(&d, &pod_id, container("app", 0)).await.unwrap();
+    start(&d, &id).await.unwrap();
+    for _ in 0..5 {
+        exec_sync(&d, &id, &["true"], 0).await.unwrap();
+    }
+    let stats = cri::ContainerStatsRequest {
+        container_id: id.clone(),
+    };
+    d.cri.container_stats(Request::new(stats)).await.unwrap();
+    // Create, start, the supervisor's wait and output stream, five
+    // execs and stats: one connection.
+    assert_eq!(d.backend.dials(), 1);
+    // A stopped sandbox's channel is gone with it; another pod has its own.
+    stop_pod(&d, &pod_id).await.unwrap();
+    let other = run(&d, "other").await;
+    let c = create(&d, &other, container("app", 0)).await.unwrap();
+    start(&d, &c).await.unwrap();
+    assert_eq!(d.backend.dials(), 2);
+}
+
+#[tokio::test]
 async fn lists_filter_by_id_prefix_state_and_labels() {
     let d = Daemon::start().await;
     let (a, b) = (run(&d, "a").await, run(&d, "b").await);
@@ -746,7 +770,16 @@ async fn a_sandbox_whose_process_dies_is_not_ready_and_says_why() {
 /// and its containers exited.
 #[test]
 fn a_restarted_daemon_recovers_pods_and_containers_from_its_records() {
-    let runtime = || tokio::runtime::Runtime::new().expect("a runtime");
+    // One thread each: after block_on no task of the daemon runs again,
+    // and dropping the runtime drops them unpolled, as kill -9 would (a
+    // multi-threaded one keeps polling tasks while it shuts down, and a
+    // supervisor could record a lost connection as an exit).
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
     let first = runtime();
     let (parts, live, live_ctr, dead, dead_rec, dead_ctr) = first.block_on(async {
         let d = Daemon::start().await;
@@ -780,7 +813,7 @@ fn a_restarted_daemon_recovers_pods_and_containers_from_its_records() {
         assert_eq!(pod_status(&d, &dead).await.unwrap().state, NOT_READY);
         let s = status(&d, &dead_ctr).await.unwrap();
         assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
-        assert_eq!(s.reason, "SandboxExited");
+        assert_eq!(s.reason, "SandboxExited", "{s:?}");
         remove_pod(&d, &dead).await.unwrap();
         remove_pod(&d, &live).await.unwrap();
     });

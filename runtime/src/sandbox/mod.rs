@@ -1,7 +1,7 @@
 //! The sandbox service: CRI pod-sandbox semantics (names, states,
 //! idempotent stop and remove, recovery) over the store and a backend.
-//! Each sandbox owns its backend handle; [`Sandbox::agent`] reaches its
-//! agent.
+//! Each sandbox owns its backend handle and one channel to its agent
+//! ([`Sandbox::agent`]), multiplexed by every call and stream.
 
 pub mod pod_files;
 
@@ -102,13 +102,34 @@ pub struct RunRequest {
     pub namespaces: NamespaceModes,
 }
 
-/// A sandbox as its users see it: its record at one moment, and the
-/// backend that runs it.
+/// A sandbox as its users see it: its record at one moment, the backend
+/// that runs it and its agent channel.
 #[derive(Clone)]
 pub struct Sandbox {
     /// The record.
     pub record: SandboxRecord,
     backend: Arc<dyn SandboxBackend>,
+    channel: Arc<AgentChannel>,
+}
+
+/// The one agent channel of a sandbox, opened on first use: an HTTP/2
+/// connection every call and stream of the sandbox shares, so a call
+/// costs no dial, handshake or health check. If the connection breaks,
+/// tonic's channel dials again (through the same hybrid-vsock dialer)
+/// for the next call; it is dropped when the sandbox stops or dies. The
+/// first callers wait for one dial rather than each making their own.
+#[derive(Default)]
+struct AgentChannel(tokio::sync::Mutex<Option<Agent>>);
+
+impl AgentChannel {
+    /// Forgets the connection (the sandbox stopped or died). A dial in
+    /// progress meanwhile is left to finish: it reaches a sandbox that is
+    /// not ready, so nothing calls through it.
+    fn close(&self) {
+        if let Ok(mut open) = self.0.try_lock() {
+            *open = None;
+        }
+    }
 }
 
 impl Sandbox {
@@ -117,9 +138,16 @@ impl Sandbox {
         self.backend.as_ref()
     }
 
-    /// A connection to its agent (it is expected to be up).
+    /// Its agent, on the sandbox's channel (opened if this is the first
+    /// call since the daemon started); it is expected to be up.
     pub async fn agent(&self) -> Result<Agent, SandboxError> {
-        Ok(self.backend.agent(&self.record).await?)
+        let mut open = self.channel.0.lock().await;
+        if let Some(agent) = open.as_ref() {
+            return Ok(agent.clone());
+        }
+        let agent = self.backend.agent(&self.record).await?;
+        *open = Some(agent.clone());
+        Ok(agent)
     }
 
     /// FailedPrecondition unless it is ready.
@@ -140,6 +168,7 @@ struct Entry {
     op: tokio::sync::Mutex<()>,
     record: Mutex<SandboxRecord>,
     backend: Arc<dyn SandboxBackend>,
+    channel: Arc<AgentChannel>,
 }
 
 impl Entry {
@@ -148,6 +177,7 @@ impl Entry {
             op: tokio::sync::Mutex::new(()),
             record: Mutex::new(record),
             backend,
+            channel: Arc::default(),
         })
     }
 }
@@ -410,6 +440,7 @@ impl Sandboxes {
             r.reason = Some("stopping".into());
         }
         entry.backend.stop(&rec).await;
+        entry.channel.close();
         let done = {
             let mut r = lock(&entry.record);
             r.state = SandboxState::NotReady;
@@ -462,16 +493,19 @@ impl Sandboxes {
         let id = self.resolve(id)?;
         let entry = self.entry(&id)?;
         let mut r = lock(&entry.record);
-        self.refresh(&mut r, entry.backend.as_ref());
+        self.refresh(&mut r, &entry);
         Ok(Sandbox {
             record: r.clone(),
             backend: entry.backend.clone(),
+            channel: entry.channel.clone(),
         })
     }
 
     /// Marks a Ready sandbox whose process died NotReady.
-    fn refresh(&self, r: &mut SandboxRecord, backend: &dyn SandboxBackend) {
+    fn refresh(&self, r: &mut SandboxRecord, entry: &Entry) {
+        let backend = entry.backend.as_ref();
         if r.state == SandboxState::Ready && !r.process.is_some_and(|p| backend.alive(&p)) {
+            entry.channel.close();
             tracing::warn!(sandbox_id = %r.id, "sandbox process exited unexpectedly");
             r.state = SandboxState::NotReady;
             r.reason = Some(format!(
@@ -493,7 +527,7 @@ impl Sandboxes {
             .iter()
             .map(|e| {
                 let mut r = lock(&e.record);
-                self.refresh(&mut r, e.backend.as_ref());
+                self.refresh(&mut r, e);
                 r.clone()
             })
             .collect()

@@ -10,7 +10,7 @@ use crate::lock::lock;
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use vmcri_agent_client::{Agent, AgentAddr};
@@ -27,6 +27,8 @@ pub(crate) struct FakeBackend {
     exposed: Mutex<BTreeSet<(String, String)>>,
     /// The next start fails with this message.
     fail_start: Mutex<Option<String>>,
+    /// Connections made to agents through [`SandboxBackend::agent`].
+    dials: AtomicUsize,
 }
 
 impl FakeBackend {
@@ -44,6 +46,7 @@ impl FakeBackend {
             next_pid: AtomicI32::new(1 << 30),
             exposed: Mutex::new(BTreeSet::new()),
             fail_start: Mutex::new(None),
+            dials: AtomicUsize::new(0),
         }
     }
 
@@ -67,6 +70,11 @@ impl FakeBackend {
     /// The next start fails with `why`.
     pub(crate) fn fail_next_start(&self, why: &str) {
         *lock(&self.fail_start) = Some(why.to_string());
+    }
+
+    /// How many connections the daemon opened to agents.
+    pub(crate) fn dials(&self) -> usize {
+        self.dials.load(Ordering::Relaxed)
     }
 
     /// The containers of sandbox `id` whose files are exposed.
@@ -156,12 +164,15 @@ impl SandboxBackend for FakeBackend {
     }
 
     async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {
+        self.dials.fetch_add(1, Ordering::Relaxed);
         let t = Duration::from_secs(5);
         Ok(Agent::connect(Self::addr(rec), t, t).await?)
     }
 
     async fn stop(&self, rec: &SandboxRecord) {
-        if let Ok(agent) = self.agent(rec).await {
+        // Its own connection, as the real backends' polite shutdown.
+        let t = Duration::from_secs(5);
+        if let Ok(agent) = Agent::connect(Self::addr(rec), t, t).await {
             let _ = agent.shutdown().await;
         }
         // Dropping it stops its server.
