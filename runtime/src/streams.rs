@@ -1,6 +1,9 @@
 //! The daemon's side of the streaming server: exec, attach and
 //! port-forward carried by the pod's agent, so every byte goes through the
-//! sandbox boundary (the VM), never the host's namespaces.
+//! sandbox boundary (the VM), never the host's namespaces. Exec and
+//! port-forward, whose pace a remote client sets, each get a connection of
+//! their own; attach reads the log copier's output and only writes to the
+//! agent, on the sandbox's channel.
 
 use crate::container::{pref, ContainerError, Containers};
 use crate::id::new_id;
@@ -65,7 +68,7 @@ async fn exec(
     req: ExecRequest,
     mut io: Io,
 ) -> Result<i32, ContainerError> {
-    let (rec, agent) = containers.running(&req.container_id).await?;
+    let (rec, agent) = containers.running_for_stream(&req.container_id).await?;
     let exec_id = new_id()[..16].to_string();
     agent
         .exec_process(pb::ExecProcessRequest {
@@ -163,7 +166,7 @@ async fn port_forward(
     conn: Forward,
 ) -> Result<(), String> {
     let (sandbox, agent) = containers
-        .sandbox_agent(&sandbox_id)
+        .sandbox_agent_for_stream(&sandbox_id)
         .await
         .map_err(|e| e.to_string())?;
     let mut back = agent

@@ -371,9 +371,27 @@ impl Containers {
         Ok((rec, agent, output, entry.exited.subscribe()))
     }
 
-    /// The ready sandbox `id` (a full ID or unique prefix) and its agent.
-    pub async fn sandbox_agent(&self, id: &str) -> Result<(Sandbox, Agent), ContainerError> {
-        self.ready_sandbox(id).await
+    /// The ready sandbox `id` (a full ID or unique prefix) and a
+    /// connection of its own to its agent, for a stream a remote client
+    /// paces (see [`Sandbox::own_agent`]).
+    pub async fn sandbox_agent_for_stream(
+        &self,
+        id: &str,
+    ) -> Result<(Sandbox, Agent), ContainerError> {
+        let sandbox = self.sandboxes.sandbox(id)?.ready()?;
+        let agent = sandbox.own_agent().await?;
+        Ok((sandbox, agent))
+    }
+
+    /// As [`Containers::running`], with a connection of its own to the
+    /// agent, for a stream a remote client paces.
+    pub async fn running_for_stream(
+        &self,
+        id: &str,
+    ) -> Result<(ContainerRecord, Agent), ContainerError> {
+        let (rec, _) = self.running(id).await?;
+        let (_, agent) = self.sandbox_agent_for_stream(&rec.sandbox_id).await?;
+        Ok((rec, agent))
     }
 
     /// CreateContainer.

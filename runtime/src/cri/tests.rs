@@ -354,6 +354,65 @@ async fn a_sandboxs_calls_and_streams_share_one_agent_channel() {
     assert_eq!(d.backend.dials(), 2);
 }
 
+/// An exec stream's pace is its remote client's: it gets a connection of
+/// its own, and a client that stops reading holds up nothing else.
+#[tokio::test]
+async fn an_exec_stream_has_its_own_connection_and_a_stalled_client_holds_up_no_call() {
+    use vmcri_streaming::Handler;
+    let d = Daemon::start().await;
+    let pod_id = run(&d, "web").await;
+    let id = create(&d, &pod_id, container("app", 0)).await.unwrap();
+    start(&d, &id).await.unwrap();
+    let dials = d.backend.dials();
+    let handler = crate::streams::StreamHandler::new(d.containers.clone());
+    // Ten MiB of output for a client that never reads.
+    let big = "x".repeat(10 << 20);
+    d.backend.with_agent(&pod_id, |a| {
+        a.set_exec_script(move |args| crate::testing::agent::Script {
+            stdout: if args.first().is_some_and(|a| a == "flood") {
+                big.clone().into_bytes()
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        })
+    });
+    // Three clients that never read: on one shared connection their
+    // unread output (a stream window each) would hold its whole window.
+    let mut stalled = Vec::new();
+    let mut unread = Vec::new();
+    for _ in 0..3 {
+        let (stdout, rx) = tokio::sync::mpsc::channel(1);
+        unread.push(rx);
+        let io = vmcri_streaming::Io {
+            stdin: None,
+            stdout: Some(stdout),
+            stderr: None,
+            resize: None,
+        };
+        let req = vmcri_streaming::ExecRequest {
+            container_id: id.clone(),
+            cmd: vec!["flood".into()],
+            tty: false,
+            stdin: false,
+            stdout: true,
+            stderr: false,
+        };
+        stalled.push(tokio::spawn(handler.exec(req, io)));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(stalled.iter().all(|t| !t.is_finished()));
+    assert_eq!(d.backend.dials(), dials + 3);
+    // The pod's channel still carries calls.
+    for _ in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(10), exec_sync(&d, &id, &["true"], 0));
+        r.await.expect("ExecSync is not held up").unwrap();
+    }
+    for t in stalled {
+        t.abort();
+    }
+}
+
 #[tokio::test]
 async fn lists_filter_by_id_prefix_state_and_labels() {
     let d = Daemon::start().await;

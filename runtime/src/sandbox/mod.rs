@@ -150,6 +150,15 @@ impl Sandbox {
         Ok(agent)
     }
 
+    /// A connection to its agent of its own, outside the sandbox's
+    /// channel, for a stream a remote client paces (exec output,
+    /// port-forward): HTTP/2 flow control would let a stalled client's
+    /// unread data hold the shared connection's window, and with it every
+    /// log copy and call of the pod.
+    pub async fn own_agent(&self) -> Result<Agent, SandboxError> {
+        Ok(self.backend.agent(&self.record).await?)
+    }
+
     /// FailedPrecondition unless it is ready.
     pub fn ready(self) -> Result<Sandbox, SandboxError> {
         if self.record.state != SandboxState::Ready {

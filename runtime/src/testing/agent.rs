@@ -166,14 +166,18 @@ impl Proc {
             if l.exit.is_some() || data.is_empty() {
                 return false;
             }
-            let (data, timestamp_ns, offset) = (data.to_vec(), now_ns(), l.len);
-            l.len += data.len() as u64;
-            l.output.push(pb::OutputChunk {
-                stream,
-                data,
-                timestamp_ns,
-                offset,
-            });
+            // In pieces no bigger than the real agent's reads.
+            let timestamp_ns = now_ns();
+            for piece in data.chunks(64 << 10) {
+                let offset = l.len;
+                l.len += piece.len() as u64;
+                l.output.push(pb::OutputChunk {
+                    stream,
+                    data: piece.to_vec(),
+                    timestamp_ns,
+                    offset,
+                });
+            }
             true
         });
     }

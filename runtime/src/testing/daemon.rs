@@ -45,6 +45,8 @@ pub(crate) struct Daemon {
     pub cri: Arc<Cri>,
     /// The sandbox service under them.
     pub sandboxes: Arc<Sandboxes>,
+    /// The container service under them.
+    pub containers: Arc<Containers>,
     /// The image service.
     pub images: Arc<Images>,
     /// The backend every handler uses.
@@ -119,6 +121,7 @@ impl Daemon {
         Daemon {
             cri,
             sandboxes,
+            containers,
             images,
             backend,
             root,
