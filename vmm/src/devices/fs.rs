@@ -15,7 +15,12 @@
 //! and `..` lookups (for NFS export), which the guest's FUSE client never
 //! sends: we refuse them before they reach it, so no guest request can
 //! walk up from anything it was given.
+//!
+//! In front of it, [`super::fs_policy::Guarded`] refuses what must not
+//! reach the host at all: device nodes, setuid files and `security.*` or
+//! `trusted.*` xattr writes.
 
+use super::fs_policy::Guarded;
 use super::virtio_mmio::{
     read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -61,7 +66,9 @@ pub enum FsError {
     },
 }
 
-type Fs = PassthroughFs<()>;
+/// The passthrough file system, behind the host's policy on what a guest
+/// may create (see [`super::fs_policy`]).
+type Fs = Guarded<PassthroughFs<()>>;
 
 struct Active {
     mem: FsMemory,
@@ -153,8 +160,9 @@ impl FsDevice {
             inode_file_handles: false,
             ..Default::default()
         };
-        let fs = Fs::new(config).map_err(|e| root_err(e.to_string()))?;
+        let fs = PassthroughFs::new(config).map_err(|e| root_err(e.to_string()))?;
         fs.import().map_err(|e| root_err(e.to_string()))?;
+        let fs = Guarded(fs);
         Ok(FsDevice {
             tag: tag.to_string(),
             server: Arc::new(Server::new(Arc::new(fs))),

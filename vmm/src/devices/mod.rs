@@ -15,6 +15,7 @@ macro_rules! guest_warn {
 
 pub mod bus;
 pub mod fs;
+pub mod fs_policy;
 pub mod legacy;
 pub mod rng;
 pub mod serial;
