@@ -114,6 +114,12 @@ ln -s "$CANARY_FILE" /m/etc/evil 2>/dev/null && echo "BREACH wrote etc/"
 echo x > /m/etc/hosts 2>/dev/null && echo "BREACH rewrote etc/hosts"
 mkdir -p "/rw/$DEEP" && echo DEEP
 ln -s "$CANARY_FILE" /rw/link && ln -s / /rw/root && ln -s "$CANARY" "/rw/$DEEP/link" && echo LINKED
+mknod /rw/null c 1 3 2>/dev/null && echo "BREACH made a device node"
+touch /rw/suid && chmod 4755 /rw/suid 2>/dev/null && echo "BREACH made a setuid file"
+if command -v setfattr >/dev/null; then
+  setfattr -n security.capability -v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= /rw/suid 2>/dev/null && echo "BREACH wrote security.capability"
+fi
+mkfifo /rw/fifo && echo FIFO
 echo HOSTILE-DONE
 exec sleep 3600
 "#;
@@ -203,7 +209,7 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
         let log = wait_for_log(&logs.join("hostile/0.log"), "HOSTILE-DONE").await;
         // The attack really ran: the share was mounted and listed, and the
         // writable volume took the deep tree and the links.
-        for step in ["MOUNTED", "LISTED", "DEEP", "LINKED"] {
+        for step in ["MOUNTED", "LISTED", "DEEP", "LINKED", "FIFO"] {
             assert!(log.contains(step), "{step} missing:\n{log}");
         }
         assert!(!log.contains("BREACH"), "{log}");
@@ -316,6 +322,19 @@ fn a_hostile_guest_and_local_users_reach_nothing_outside_the_pod() {
         "the guest's tree in the volume is the host's to keep"
     );
     assert!(std::fs::symlink_metadata(rw.join("link")).is_ok());
+    // virtio-fs made no device node and no setuid file on the host; a
+    // FIFO (a positive control) it did make.
+    assert!(std::fs::symlink_metadata(rw.join("null")).is_err());
+    let suid = std::fs::metadata(rw.join("suid")).expect("the guest's plain file");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&suid.permissions()) & 0o6000,
+        0
+    );
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &std::fs::symlink_metadata(rw.join("fifo"))
+            .unwrap()
+            .file_type()
+    ));
 }
 
 /// `kill -9` of the daemon while a microVM boots: the restarted daemon
