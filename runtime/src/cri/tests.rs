@@ -502,153 +502,119 @@ async fn lists_filter_by_id_prefix_state_and_labels() {
 async fn every_rpc_maps_bad_ids_to_their_codes() {
     let d = Daemon::start().await;
     let unknown = "0".repeat(64);
-    let cri = d.cri.clone();
-    macro_rules! check {
-        ($id:expr, $want:expr, $($call:tt)+) => {{
-            let id: String = $id.to_string();
-            let got = {
-                let cri = cri.clone();
-                let _ = &cri;
-                let f = $($call)+;
-                f(cri, id).await
-            };
-            assert_eq!(got, $want, "{}", stringify!($($call)+));
-        }};
-    }
-    async fn c<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    /// The code a call answered, Ok included.
+    fn code_of<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
         r.map_or_else(|s| s.code(), |_| Code::Ok)
     }
     for (id, want) in [
-        ("", Code::InvalidArgument),
-        (unknown.as_str(), Code::NotFound),
+        (String::new(), Code::InvalidArgument),
+        (unknown.clone(), Code::NotFound),
     ] {
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .pod_sandbox_status(Request::new(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: id,
-                    verbose: false,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .stop_pod_sandbox(Request::new(cri::StopPodSandboxRequest {
-                    pod_sandbox_id: id,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .port_forward(Request::new(cri::PortForwardRequest {
-                    pod_sandbox_id: id,
-                    port: vec![80],
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .pod_sandbox_stats(Request::new(cri::PodSandboxStatsRequest {
-                    pod_sandbox_id: id,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .create_container(Request::new(cri::CreateContainerRequest {
-                    pod_sandbox_id: id,
-                    config: Some(container("x", 0)),
-                    sandbox_config: None,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .start_container(Request::new(cri::StartContainerRequest {
-                    container_id: id,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .stop_container(Request::new(cri::StopContainerRequest {
-                    container_id: id,
-                    timeout: 0,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .container_status(Request::new(cri::ContainerStatusRequest {
-                    container_id: id,
-                    verbose: false,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .container_stats(Request::new(cri::ContainerStatsRequest {
-                    container_id: id,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .exec_sync(Request::new(cri::ExecSyncRequest {
-                    container_id: id,
-                    cmd: vec!["true".into()],
-                    timeout: 0,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .exec(Request::new(cri::ExecRequest {
-                    container_id: id,
-                    cmd: vec!["sh".into()],
-                    stdout: true,
-                    ..Default::default()
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .attach(Request::new(cri::AttachRequest {
-                    container_id: id,
-                    stdout: true,
-                    ..Default::default()
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .reopen_container_log(Request::new(cri::ReopenContainerLogRequest {
-                    container_id: id,
-                }))
-                .await)
-            .await
-        });
-        check!(id, want, |cri: Arc<super::Cri>, id: String| async move {
-            c(cri
-                .update_container_resources(Request::new(cri::UpdateContainerResourcesRequest {
-                    container_id: id,
-                    linux: Some(Default::default()),
-                    ..Default::default()
-                }))
-                .await)
-            .await
-        });
+        macro_rules! check {
+            ($rpc:ident, $req:expr) => {
+                let got = code_of(d.cri.$rpc(Request::new($req)).await);
+                assert_eq!(got, want, "{} of {id:?}", stringify!($rpc));
+            };
+        }
+        check!(
+            pod_sandbox_status,
+            cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            }
+        );
+        check!(
+            stop_pod_sandbox,
+            cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            }
+        );
+        check!(
+            port_forward,
+            cri::PortForwardRequest {
+                pod_sandbox_id: id.clone(),
+                port: vec![80],
+            }
+        );
+        check!(
+            pod_sandbox_stats,
+            cri::PodSandboxStatsRequest {
+                pod_sandbox_id: id.clone(),
+            }
+        );
+        check!(
+            create_container,
+            cri::CreateContainerRequest {
+                pod_sandbox_id: id.clone(),
+                config: Some(container("x", 0)),
+                sandbox_config: None,
+            }
+        );
+        check!(
+            start_container,
+            cri::StartContainerRequest {
+                container_id: id.clone(),
+            }
+        );
+        check!(
+            stop_container,
+            cri::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 0,
+            }
+        );
+        check!(
+            container_status,
+            cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            }
+        );
+        check!(
+            container_stats,
+            cri::ContainerStatsRequest {
+                container_id: id.clone(),
+            }
+        );
+        check!(
+            exec_sync,
+            cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["true".into()],
+                timeout: 0,
+            }
+        );
+        check!(
+            exec,
+            cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["sh".into()],
+                stdout: true,
+                ..Default::default()
+            }
+        );
+        check!(
+            attach,
+            cri::AttachRequest {
+                container_id: id.clone(),
+                stdout: true,
+                ..Default::default()
+            }
+        );
+        check!(
+            reopen_container_log,
+            cri::ReopenContainerLogRequest {
+                container_id: id.clone(),
+            }
+        );
+        check!(
+            update_container_resources,
+            cri::UpdateContainerResourcesRequest {
+                container_id: id.clone(),
+                linux: Some(Default::default()),
+                ..Default::default()
+            }
+        );
     }
     // Removal of what is not there succeeds; of an empty ID does not.
     assert_eq!(code(remove_pod(&d, "").await), Code::InvalidArgument);
