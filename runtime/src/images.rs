@@ -216,7 +216,7 @@ impl Images {
         drop(records);
         self.save(&snapshot)?;
         if !snapshot.contains_key(&rec.id) {
-            let stats = self.gc(&snapshot)?;
+            let stats = gc(&self.store, &snapshot)?;
             tracing::info!(image = %rec.id, blobs = stats.blobs, layers = stats.layers, "image removed");
         }
         Ok(())
@@ -233,10 +233,6 @@ impl Images {
                 source: std::io::Error::other(e),
             })?
             .map_err(ImageError::from)
-    }
-
-    fn gc(&self, records: &BTreeMap<String, ImageRecord>) -> Result<GcStats, ImageError> {
-        gc(&self.store, records)
     }
 
     /// Deletes content no image references, with leftovers of interrupted

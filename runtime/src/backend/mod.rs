@@ -215,6 +215,14 @@ fn find_binary(configured: &Path, name: &str) -> Result<PathBuf, BackendError> {
         })
 }
 
+/// Refuses the node's PID and IPC namespaces, which no vmcri pod can have
+/// in either backend.
+pub(crate) fn refuse_host_pid_and_ipc(ns: &NamespaceModes) -> Result<(), BackendError> {
+    ns.refuse_host_pid_and_ipc().map_err(|what| {
+        BackendError::Refused(format!("RunPodSandbox: {what} is not available in vmcri"))
+    })
+}
+
 /// The last lines of the log at `path`.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -3,8 +3,8 @@
 //! only the host kernel between them and the node.
 
 use super::{
-    etc_files, find_binary, socket_dir, stop_process, wait_ready, BackendError, Boot,
-    ContainerContext, Exposed, SandboxBackend, Spawned,
+    etc_files, find_binary, refuse_host_pid_and_ipc, socket_dir, stop_process, wait_ready,
+    BackendError, Boot, ContainerContext, Exposed, SandboxBackend, Spawned,
 };
 use crate::config::{Backend, Config, Handler, Switch};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
@@ -17,12 +17,16 @@ use vmcri_agent_client::{Agent, AgentAddr};
 /// Pods as host processes.
 pub struct HostProcess {
     config: Arc<Config>,
+    /// The lowest oom_score_adj containers may get, fixed for the
+    /// daemon's life (its capabilities and its own score).
+    oom_floor: Option<i32>,
 }
 
 impl HostProcess {
     /// The backend configured by `config` (`[process]`, `[agent]`).
     pub fn new(config: Arc<Config>) -> HostProcess {
-        HostProcess { config }
+        let oom_floor = oom_score_adj_floor(config.process.restrict_oom_score_adj);
+        HostProcess { config, oom_floor }
     }
 
     fn call_timeout(&self) -> Duration {
@@ -51,9 +55,7 @@ impl SandboxBackend for HostProcess {
     /// The node's network can be shared (DaemonSets such as kube-proxy
     /// and CNI agents need it), its PIDs and IPC cannot.
     fn check_namespaces(&self, ns: &NamespaceModes) -> Result<(), BackendError> {
-        ns.refuse_host_pid_and_ipc().map_err(|what| {
-            BackendError::Refused(format!("RunPodSandbox: {what} is not available in vmcri"))
-        })
+        refuse_host_pid_and_ipc(ns)
     }
 
     fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf {
@@ -112,7 +114,7 @@ impl SandboxBackend for HostProcess {
         ContainerContext {
             etc_files: etc_files(&etc, &etc),
             in_vm: false,
-            min_oom_score_adj: oom_score_adj_floor(self.config.process.restrict_oom_score_adj),
+            min_oom_score_adj: self.oom_floor,
         }
     }
 

@@ -340,6 +340,14 @@ impl Containers {
 
     /// The agent of running container `id` (resolved), with its record.
     pub async fn running(&self, id: &str) -> Result<(ContainerRecord, Agent), ContainerError> {
+        let rec = self.running_record(id)?;
+        let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
+        Ok((rec, agent))
+    }
+
+    /// The record of container `id` (resolved), FailedPrecondition unless
+    /// it is running.
+    fn running_record(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
         let (id, entry) = self.entry(id)?;
         let rec = lock(&entry.record).clone();
         if rec.state != ContainerState::Running {
@@ -347,8 +355,7 @@ impl Containers {
                 "container {id} is not running"
             )));
         }
-        let (_, agent) = self.ready_sandbox(&rec.sandbox_id).await?;
-        Ok((rec, agent))
+        Ok(rec)
     }
 
     /// Attaches to running container `id`'s output: its chunks from now
@@ -389,7 +396,7 @@ impl Containers {
         &self,
         id: &str,
     ) -> Result<(ContainerRecord, Agent), ContainerError> {
-        let (rec, _) = self.running(id).await?;
+        let rec = self.running_record(id)?;
         let (_, agent) = self.sandbox_agent_for_stream(&rec.sandbox_id).await?;
         Ok((rec, agent))
     }

@@ -116,8 +116,7 @@ impl SandboxBackend for FakeBackend {
     }
 
     fn check_namespaces(&self, ns: &NamespaceModes) -> Result<(), BackendError> {
-        ns.refuse_host_pid_and_ipc()
-            .map_err(|what| BackendError::Refused(format!("{what} is not available")))
+        crate::backend::refuse_host_pid_and_ipc(ns)
     }
 
     fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf {

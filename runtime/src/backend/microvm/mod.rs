@@ -5,8 +5,8 @@
 pub mod share;
 
 use super::{
-    etc_files, find_binary, socket_dir, stop_process, wait_ready, BackendError, Boot,
-    ContainerContext, Exposed, SandboxBackend, Spawned,
+    etc_files, find_binary, refuse_host_pid_and_ipc, socket_dir, stop_process, wait_ready,
+    BackendError, Boot, ContainerContext, Exposed, SandboxBackend, Spawned,
 };
 use crate::config::{Backend, Config, Handler};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
@@ -129,9 +129,7 @@ impl SandboxBackend for MicroVm {
                     .into(),
             ));
         }
-        ns.refuse_host_pid_and_ipc().map_err(|what| {
-            BackendError::Refused(format!("RunPodSandbox: {what} is not available in vmcri"))
-        })
+        refuse_host_pid_and_ipc(ns)
     }
 
     fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf {
