@@ -231,7 +231,7 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Creates the sandbox's private socket directory.
-fn socket_dir(rec: &SandboxRecord) -> Result<(), BackendError> {
+pub(crate) fn socket_dir(rec: &SandboxRecord) -> Result<(), BackendError> {
     if let Some(parent) = rec.agent_socket.parent() {
         crate::store::private_dirs(parent).map_err(|source| BackendError::Spawn {
             what: format!("socket directory {}", parent.display()),

@@ -132,11 +132,7 @@ impl SandboxBackend for FakeBackend {
         if let Some(why) = lock(&self.fail_start).take() {
             return Err(BackendError::Missing(why));
         }
-        let dir = rec.agent_socket.parent().unwrap_or(Path::new("/"));
-        crate::store::private_dirs(dir).map_err(|source| BackendError::Spawn {
-            what: dir.display().to_string(),
-            source,
-        })?;
+        crate::backend::socket_dir(rec)?;
         let p = ProcessRef {
             pid: self.next_pid.fetch_add(1, Ordering::Relaxed),
             start_ticks: 1,
