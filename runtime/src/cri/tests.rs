@@ -153,9 +153,14 @@ async fn exec_sync(
     Ok(d.cri.exec_sync(Request::new(req)).await?.into_inner())
 }
 
-/// Waits (bounded) until container `id` reports `state`.
+/// How long a test waits for what the fake agent does at once: generous,
+/// so a loaded machine (VMs booting beside the tests) fails nothing.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits (bounded by [`PATIENCE`]) until container `id` reports `state`.
 async fn wait_state(d: &Daemon, id: &str, state: cri::ContainerState) -> cri::ContainerStatus {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
         let s = status(d, id).await.expect("ContainerStatus");
         if s.state == state as i32 {
             return s;
@@ -400,12 +405,17 @@ async fn an_exec_stream_has_its_own_connection_and_a_stalled_client_holds_up_no_
         };
         stalled.push(tokio::spawn(handler.exec(req, io)));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(stalled.iter().all(|t| !t.is_finished()));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while d.backend.dials() < dials + 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(d.backend.dials(), dials + 3);
+    // Let the floods fill what windows they can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(stalled.iter().all(|t| !t.is_finished()));
     // The pod's channel still carries calls.
     for _ in 0..3 {
-        let r = tokio::time::timeout(Duration::from_secs(10), exec_sync(&d, &id, &["true"], 0));
+        let r = tokio::time::timeout(PATIENCE, exec_sync(&d, &id, &["true"], 0));
         r.await.expect("ExecSync is not held up").unwrap();
     }
     for t in stalled {

@@ -15,6 +15,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use vmcri_agent_client::{Agent, AgentAddr};
 
+/// The fake agents' per-call deadline: far above what they take, so a
+/// loaded machine fails nothing, and below the tests' patience.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sandboxes as in-memory agents.
 pub(crate) struct FakeBackend {
     /// Where the agents run: a runtime of their own, so they outlive the
@@ -160,13 +164,13 @@ impl SandboxBackend for FakeBackend {
 
     async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {
         self.dials.fetch_add(1, Ordering::Relaxed);
-        let t = Duration::from_secs(5);
+        let t = CALL_TIMEOUT;
         Ok(Agent::connect(Self::addr(rec), t, t).await?)
     }
 
     async fn stop(&self, rec: &SandboxRecord) {
         // Its own connection, as the real backends' polite shutdown.
-        let t = Duration::from_secs(5);
+        let t = CALL_TIMEOUT;
         if let Ok(agent) = Agent::connect(Self::addr(rec), t, t).await {
             let _ = agent.shutdown().await;
         }
