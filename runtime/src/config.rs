@@ -36,6 +36,10 @@ initrd = ""
 vmm = ""
 # How long a guest may take to boot and answer (nested KVM is slow).
 boot_timeout_secs = 300
+# Per-thread seccomp filters in the (always jailed) VMM: "enforce" (a
+# syscall outside a thread's allowlist kills the VMM and the pod reports
+# NOTREADY with the reason); "log" or "off" only to debug a refusal.
+seccomp = "enforce"
 
 [process]
 # vmcri-agent binary; empty = next to the vmcri binary, else $PATH.
@@ -149,6 +153,31 @@ pub struct MicrovmConfig {
     pub vmm: PathBuf,
     /// Boot deadline.
     pub boot_timeout_secs: u64,
+    /// The VMM's seccomp mode.
+    pub seccomp: SeccompMode,
+}
+
+/// How the VMM's seccomp filters act (`vmcri-vmm --seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// A refused syscall kills the VMM.
+    Enforce,
+    /// Refusals are only logged by the kernel.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    /// The VMM's flag value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        }
+    }
 }
 
 /// `[process]`.

@@ -7,8 +7,10 @@ pub mod cmdline;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod layout;
 pub mod mptable;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

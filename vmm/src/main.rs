@@ -4,7 +4,19 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmcri_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use vmcri_vmm::jail::{self, JailSpec};
+use vmcri_vmm::seccomp;
 use vmcri_vmm::{CpuProfile, SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SeccompArg {
+    /// A syscall outside a thread's allowlist kills the VMM.
+    Enforce,
+    /// Log what would be refused (kernel audit log); for debugging.
+    Log,
+    /// No filters; for debugging.
+    Off,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ProfileArg {
@@ -62,6 +74,21 @@ struct Args {
     /// The virtio-fs tag the guest mounts the shared directory by.
     #[arg(long, default_value = "vmcri")]
     shared_tag: String,
+    /// Run jailed, with this empty directory as the root: own mount, PID,
+    /// IPC and UTS namespaces, only the VM's files, no new privileges,
+    /// reduced capabilities (see the jail module). Needs root.
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// Per-thread seccomp filters.
+    #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
+    seccomp: SeccompArg,
+    /// Most files the jailed VMM may hold open (virtio-fs keeps one per
+    /// inode the guest has looked up).
+    #[arg(long, default_value_t = 65536)]
+    max_open_files: u64,
+    /// Largest file, in MiB, the jailed VMM may write for the guest.
+    #[arg(long, default_value_t = 64 << 10)]
+    max_file_size_mib: u64,
 }
 
 fn main() {
@@ -81,6 +108,47 @@ fn main() {
             std::process::exit(code);
         }
     };
+    seccomp::set_mode(match args.seccomp {
+        SeccompArg::Enforce => seccomp::Mode::Enforce,
+        SeccompArg::Log => seccomp::Mode::Log,
+        SeccompArg::Off => seccomp::Mode::Off,
+    });
+    // Detected before the jail, which has no /sys.
+    let cpu_profile = match args.cpu_profile {
+        ProfileArg::Auto => CpuProfile::detect(),
+        ProfileArg::Host => CpuProfile::Host,
+        ProfileArg::Nested => CpuProfile::NestedSoftware,
+    };
+    let mut args = args;
+    if let Some(dir) = args.jail.take() {
+        let serial = (args.serial != "-").then(|| PathBuf::from(&args.serial));
+        let spec = JailSpec {
+            dir,
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            serial,
+            vsock: args.vsock.clone(),
+            share: args.shared_dir.clone(),
+            max_open_files: args.max_open_files,
+            max_file_size: args.max_file_size_mib.saturating_mul(1 << 20),
+        };
+        // Only the jailed child returns; the keeper exits with its status.
+        match jail::enter(&spec) {
+            Ok(jailed) => {
+                args.kernel = jailed.kernel;
+                args.initrd = jailed.initrd;
+                if let Some(serial) = jailed.serial {
+                    args.serial = serial.display().to_string();
+                }
+                args.vsock = jailed.vsock;
+                args.shared_dir = jailed.share;
+            }
+            Err(e) => {
+                eprintln!("vmcri-vmm: {e}");
+                std::process::exit(EXIT_SETUP_ERROR);
+            }
+        }
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -91,11 +159,7 @@ fn main() {
             "-" => SerialOutput::Stdout,
             path => SerialOutput::File(path.into()),
         },
-        cpu_profile: match args.cpu_profile {
-            ProfileArg::Auto => CpuProfile::detect(),
-            ProfileArg::Host => CpuProfile::Host,
-            ProfileArg::Nested => CpuProfile::NestedSoftware,
-        },
+        cpu_profile,
         timeout: args.timeout.map(Duration::from_secs),
         vsock: args.vsock.map(|uds_path| VsockConfig {
             guest_cid: args.vsock_cid,

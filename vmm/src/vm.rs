@@ -10,17 +10,18 @@ use crate::devices::legacy::{
 };
 use crate::devices::rng::Rng;
 use crate::devices::serial::{Bounded, Console, COM1_IRQ, COM1_PORT, UART_PORT_RANGE};
-use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice};
+use crate::devices::virtio_mmio::{self, MmioTransport, VirtioDevice};
 use crate::devices::vsock::Vsock;
 use crate::devices::IrqLine;
 use crate::exit::ExitReason;
 use crate::layout::{self, LayoutError};
 use crate::mptable::{self, MpTableError};
+use crate::seccomp::{self, Role};
 use crate::vcpu::{Buses, Vcpu, VcpuError};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
@@ -227,7 +228,8 @@ impl Vm {
         )?;
         pio.insert(Arc::new(Mutex::new(PanicPort)), PANIC_PORT, 1)?;
 
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new())];
+        let rng = Rng::new().map_err(io_err("virtio-rng thread"))?;
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = vec![Box::new(rng)];
         if let Some(v) = &config.vsock {
             let dev = Vsock::new(v.guest_cid, &v.uds_path)
                 .map_err(io_err(format!("vsock socket {}", v.uds_path.display())))?;
@@ -249,8 +251,19 @@ impl Vm {
             let line = Arc::new(IrqLine::new(irq).map_err(io_err("virtio eventfd"))?);
             vm.register_irqfd(line.eventfd(), irq)
                 .map_err(kvm_err("register virtio irqfd"))?;
-            let transport: SharedDevice =
-                Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), line)));
+            let transport = MmioTransport::new(device, mem.clone(), line)
+                .map_err(io_err("virtio queue eventfd"))?;
+            // Queue notifications go straight to the device's thread.
+            for (queue, notifier) in transport.notifiers().iter().enumerate() {
+                let queue = u32::try_from(queue).map_err(|_| BuildError::TooManyDevices)?;
+                vm.register_ioevent(
+                    notifier,
+                    &IoEventAddress::Mmio(base + virtio_mmio::reg::QUEUE_NOTIFY),
+                    queue,
+                )
+                .map_err(kvm_err("register a queue notify ioeventfd"))?;
+            }
+            let transport: SharedDevice = Arc::new(Mutex::new(transport));
             mmio.insert(transport, base, layout::VIRTIO_MMIO_SIZE)?;
             mmio_args.push(MmioDeviceArg {
                 base,
@@ -322,6 +335,12 @@ impl Vm {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    // Before the first KVM_RUN: from here on the guest
+                    // drives this thread.
+                    if let Err(e) = seccomp::install(Role::Vcpu) {
+                        let _ = tx.send(ExitReason::KvmError(format!("vCPU {id}: {e}")));
+                        return;
+                    }
                     if let Some(reason) = vcpu.run(&buses, &stop) {
                         let _ = tx.send(reason);
                     }
@@ -330,18 +349,23 @@ impl Vm {
             threads.push(handle);
         }
         drop(tx);
+        // Every thread the VMM will have exists now.
+        let main_filter = seccomp::install(Role::Main);
 
-        let reason = match self.timeout {
-            Some(t) => match rx.recv_timeout(t) {
-                Ok(r) => r,
-                Err(mpsc::RecvTimeoutError::Timeout) => ExitReason::Timeout,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
+        let reason = match main_filter.map_err(|e| e.to_string()).and(Ok(self.timeout)) {
+            Err(e) => ExitReason::KvmError(format!("main thread: {e}")),
+            Ok(timeout) => match timeout {
+                Some(t) => match rx.recv_timeout(t) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => ExitReason::Timeout,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        ExitReason::KvmError("all vCPU threads ended without a reason".into())
+                    }
+                },
+                None => rx.recv().unwrap_or_else(|_| {
                     ExitReason::KvmError("all vCPU threads ended without a reason".into())
-                }
+                }),
             },
-            None => rx.recv().unwrap_or_else(|_| {
-                ExitReason::KvmError("all vCPU threads ended without a reason".into())
-            }),
         };
 
         // Stop the other vCPUs: a signal interrupts KVM_RUN; repeat until

@@ -111,6 +111,12 @@ pub trait SandboxBackend: Send + Sync {
         host_process::alive(p)
     }
 
+    /// Why the sandbox's process ended on its own, if it said so: the
+    /// last line it wrote to its log as it exited.
+    fn death_note(&self, _rec: &SandboxRecord) -> Option<String> {
+        None
+    }
+
     /// Ends process `p` of a sandbox nobody waits for (recovery).
     fn kill(&self, p: &ProcessRef) {
         host_process::kill(p);
@@ -223,6 +229,27 @@ pub(crate) fn refuse_host_pid_and_ipc(ns: &NamespaceModes) -> Result<(), Backend
     })
 }
 
+/// The last line of the log at `path` that starts with `prefix`, looked
+/// for only in its last 4 KiB and cut to 300 bytes: the log is written by
+/// a process the guest may have subverted.
+fn last_line_with(path: &Path, prefix: &str) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 4096;
+    const MAX_NOTE: usize = 300;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut tail = Vec::new();
+    file.take(TAIL).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| l.starts_with(prefix))?;
+    let mut end = line.len().min(MAX_NOTE);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
+}
+
 /// The last lines of the log at `path`.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -327,6 +354,32 @@ pub(crate) fn etc_files(etc: &Path, agent_dir: &Path) -> Vec<(String, String)> {
         .filter(|(name, _)| etc.join(name).is_file())
         .map(|(name, dest)| (dest.to_string(), agent_dir.join(name).display().to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod death_note_tests {
+    use super::last_line_with;
+
+    #[test]
+    fn the_last_matching_line_is_found_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let long = "x".repeat(1000);
+        std::fs::write(
+            &log,
+            format!("noise\nvmcri-vmm: first\nguest said vmcri-vmm: fake\nvmcri-vmm: killed by signal 31 {long}\nmore noise\n"),
+        )
+        .unwrap();
+        let note = last_line_with(&log, "vmcri-vmm: ").unwrap();
+        assert!(note.starts_with("vmcri-vmm: killed by signal 31"));
+        assert_eq!(note.len(), 300);
+        std::fs::write(&log, "nothing here\n").unwrap();
+        assert_eq!(last_line_with(&log, "vmcri-vmm: "), None);
+        assert_eq!(
+            last_line_with(&dir.path().join("absent"), "vmcri-vmm: "),
+            None
+        );
+    }
 }
 
 #[cfg(test)]

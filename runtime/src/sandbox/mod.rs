@@ -515,11 +515,13 @@ impl Sandboxes {
         let backend = entry.backend.as_ref();
         if r.state == SandboxState::Ready && !r.process.is_some_and(|p| backend.alive(&p)) {
             entry.channel.close();
-            tracing::warn!(sandbox_id = %r.id, "sandbox process exited unexpectedly");
+            let note = backend.death_note(r);
+            tracing::warn!(sandbox_id = %r.id, note = note.as_deref().unwrap_or(""), "sandbox process exited unexpectedly");
             r.state = SandboxState::NotReady;
             r.reason = Some(format!(
-                "the sandbox's {} exited unexpectedly",
-                backend.process_name()
+                "the sandbox's {} exited unexpectedly{}",
+                backend.process_name(),
+                note.map(|n| format!(": {n}")).unwrap_or_default()
             ));
             r.process = None;
             if let Err(e) = self.store.save_sandbox(r) {

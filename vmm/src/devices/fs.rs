@@ -8,7 +8,8 @@
 //! and queues with the addresses the driver programmed, in the versions
 //! the crate speaks. Nothing outside this file sees the older types.
 //!
-//! Requests are handled on the vCPU thread that notifies the queue. The
+//! Requests are served on the device's own thread (`fs0`, see
+//! [`super::thread`]), so a guest's file I/O never stalls its vCPUs. The
 //! passthrough file system resolves every name with `openat` relative to
 //! directories it opened under the shared root, refuses `/` in names, and
 //! never opens by file handle (`inode_file_handles` off). It accepts `.`
@@ -21,9 +22,11 @@
 //! `trusted.*` xattr writes.
 
 use super::fs_policy::Guarded;
+use super::thread::{DeviceThread, QueueWorker};
 use super::virtio_mmio::{
     read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
+use crate::seccomp::Role;
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -38,6 +41,7 @@ use vm_memory_fuse::{
     GuestAddress as FsAddress, GuestMemoryMmap as FsMemory, GuestRegionMmap as FsRegion,
     MmapRegion as FsMmapRegion,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device ID of a file system device.
 pub const VIRTIO_ID_FS: u32 = 26;
@@ -56,6 +60,9 @@ pub enum FsError {
     /// The tag is empty or does not fit the config space.
     #[error("virtio-fs tag {0:?} must be 1-36 bytes")]
     Tag(String),
+    /// The device's thread could not be started.
+    #[error("virtio-fs thread: {0}")]
+    Thread(std::io::Error),
     /// The shared directory cannot be served.
     #[error("virtio-fs shared directory {path}: {msg}")]
     Root {
@@ -71,6 +78,7 @@ pub enum FsError {
 type Fs = Guarded<PassthroughFs<()>>;
 
 struct Active {
+    server: Arc<Server<Arc<Fs>>>,
     mem: FsMemory,
     queues: Vec<FsQueue>,
     interrupt: Arc<VirtioInterrupt>,
@@ -80,7 +88,8 @@ struct Active {
 pub struct FsDevice {
     tag: String,
     server: Arc<Server<Arc<Fs>>>,
-    active: Option<Active>,
+    thread: DeviceThread,
+    worker: QueueWorker,
 }
 
 /// A view of the same guest RAM in `fuse-backend-rs`'s `vm-memory`.
@@ -166,10 +175,13 @@ impl FsDevice {
         Ok(FsDevice {
             tag: tag.to_string(),
             server: Arc::new(Server::new(Arc::new(fs))),
-            active: None,
+            thread: DeviceThread::spawn("fs0", Role::Fs).map_err(FsError::Thread)?,
+            worker: QueueWorker::new().map_err(FsError::Thread)?,
         })
     }
+}
 
+impl Active {
     /// The `unique` of a LOOKUP of `.` or `..`, which we answer ourselves.
     fn dot_lookup(reader: &mut Reader<'_, ()>) -> Option<u64> {
         use std::io::Read;
@@ -187,13 +199,10 @@ impl FsDevice {
     }
 
     fn process(&mut self, index: u16) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(queue) = self.queues.get_mut(usize::from(index)) else {
             return;
         };
-        let Some(queue) = active.queues.get_mut(usize::from(index)) else {
-            return;
-        };
-        let mem = &active.mem;
+        let mem = &self.mem;
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -235,7 +244,7 @@ impl FsDevice {
             used = true;
         }
         if used {
-            active.interrupt.signal_used_queue();
+            self.interrupt.signal_used_queue();
         }
     }
 }
@@ -267,6 +276,7 @@ impl VirtioDevice for FsDevice {
         _features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
+        notifiers: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         let fs_mem = bridge_memory(&mem)?;
         let queues = queues
@@ -274,20 +284,19 @@ impl VirtioDevice for FsDevice {
             .enumerate()
             .map(|(i, q)| bridge_queue(q, &fs_mem, i))
             .collect::<Result<Vec<_>, _>>()?;
-        self.active = Some(Active {
+        let mut active = Active {
+            server: self.server.clone(),
             mem: fs_mem,
             queues,
             interrupt,
-        });
-        Ok(())
-    }
-
-    fn queue_notify(&mut self, index: u16) {
-        self.process(index);
+        };
+        self.worker
+            .start(&self.thread, notifiers, move |index| active.process(index))
+            .map_err(|e| ActivateError::Device(e.to_string()))
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.worker.stop();
     }
 }
 
@@ -310,7 +319,9 @@ mod tests {
     const ROOT: u64 = 1;
 
     struct Harness {
-        dev: FsDevice,
+        // Held so its thread serves the queue until the harness is dropped.
+        _dev: FsDevice,
+        notifiers: Vec<EventFd>,
         mem: GuestMemoryMmap,
         queue: MockSplitQueue<'static, GuestMemoryMmap>,
         unique: u64,
@@ -346,6 +357,9 @@ mod tests {
             let mut dev = FsDevice::new("shared", dir.path()).unwrap();
             let irq = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
             let hiprio = MockSplitQueue::create(mem, GuestAddress(0x10_0000), QUEUE_SIZE);
+            let notifiers: Vec<EventFd> = (0..2)
+                .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+                .collect();
             dev.activate(
                 mem.clone(),
                 VIRTIO_F_VERSION_1,
@@ -354,10 +368,12 @@ mod tests {
                     queue.create_queue().unwrap(),
                 ],
                 irq,
+                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
             )
             .unwrap();
             let mut h = Harness {
-                dev,
+                _dev: dev,
+                notifiers,
                 mem: mem.clone(),
                 queue,
                 unique: 0,
@@ -406,12 +422,23 @@ mod tests {
             ];
             self.queue.add_desc_chains(&descs, d).unwrap();
             self.next_desc += 2;
-            self.dev.queue_notify(1);
-            let used_idx: u16 = self
-                .mem
-                .read_obj(self.queue.used_addr().unchecked_add(2))
-                .unwrap();
-            assert_eq!(used_idx, self.next_used + 1, "request not completed");
+            self.notifiers[1].write(1).unwrap();
+            // Served on the device's thread: wait for the used ring.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let used_idx: u16 = self
+                    .mem
+                    .read_obj(self.queue.used_addr().unchecked_add(2))
+                    .unwrap();
+                if used_idx == self.next_used + 1 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "request not completed"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             self.next_used += 1;
             let mut out = vec![0u8; reply_len as usize];
             self.mem.read_slice(&mut out, reply_addr).unwrap();

@@ -19,6 +19,7 @@ pub mod fs_policy;
 pub mod legacy;
 pub mod rng;
 pub mod serial;
+pub mod thread;
 pub mod virtio_mmio;
 pub mod vsock;
 

@@ -1,10 +1,14 @@
 //! virtio-rng (virtio 1.1, 5.4): fills the guest's buffers from the host's
 //! getrandom(2), so the guest's entropy pool is ready without waiting.
 
+use super::thread::{DeviceThread, QueueWorker};
 use super::virtio_mmio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::seccomp::Role;
+use std::io;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Virtio device ID of an entropy source.
 const VIRTIO_ID_RNG: u32 = 4;
@@ -14,10 +18,10 @@ const QUEUE_SIZE: u16 = 64;
 /// a short read, not a stalled vCPU.
 const MAX_CHUNK: u32 = 64 * 1024;
 
-/// The entropy device.
-#[derive(Default)]
+/// The entropy device; its queue is served on its own thread, `rng`.
 pub struct Rng {
-    active: Option<Active>,
+    thread: DeviceThread,
+    worker: QueueWorker,
 }
 
 struct Active {
@@ -27,9 +31,12 @@ struct Active {
 }
 
 impl Rng {
-    /// A new, inactive device.
-    pub fn new() -> Self {
-        Self::default()
+    /// A new, inactive device, with its thread waiting.
+    pub fn new() -> io::Result<Self> {
+        Ok(Rng {
+            thread: DeviceThread::spawn("rng", Role::Device)?,
+            worker: QueueWorker::new()?,
+        })
     }
 }
 
@@ -94,28 +101,25 @@ impl VirtioDevice for Rng {
         _features: u64,
         mut queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
+        notifiers: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         let queue = queues
             .drain(..)
             .next()
             .filter(|q| q.ready())
             .ok_or(ActivateError::QueueNotReady(0))?;
-        self.active = Some(Active {
+        let mut active = Active {
             mem,
             queue,
             interrupt,
-        });
-        Ok(())
-    }
-
-    fn queue_notify(&mut self, index: u16) {
-        if let (0, Some(active)) = (index, self.active.as_mut()) {
-            active.process();
-        }
+        };
+        self.worker
+            .start(&self.thread, notifiers, move |_| active.process())
+            .map_err(|e| ActivateError::Device(e.to_string()))
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.worker.stop();
     }
 }
 
@@ -123,9 +127,11 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::IrqLine;
+    use std::time::{Duration, Instant};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const VRING_DESC_F_WRITE: u16 = 2;
 
@@ -143,15 +149,24 @@ mod tests {
         vq.build_desc_chain(descs).unwrap();
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
-        let mut rng = Rng::new();
+        let mut rng = Rng::new().unwrap();
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
         rng.activate(
             mem.clone(),
             VIRTIO_F_VERSION_1,
             vec![queue],
             interrupt.clone(),
+            vec![notifier.try_clone().unwrap()],
         )
         .unwrap();
-        rng.queue_notify(0);
+        notifier.write(1).unwrap();
+        // Served on the device's thread: wait for the used ring to move.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() == 0 {
+            assert!(Instant::now() < deadline, "the rng thread served nothing");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        rng.reset();
         (mem.clone(), vq, interrupt.status())
     }
 

@@ -6,11 +6,13 @@
 
 use super::bus::BusDevice;
 use super::{IrqLine, VmRequest};
+use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// "virt", little-endian.
 const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -46,7 +48,8 @@ pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 /// Register offsets.
-mod reg {
+pub mod reg {
+    #![allow(missing_docs, reason = "named as in the virtio spec, 4.2.2")]
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -59,6 +62,7 @@ mod reg {
     pub const QUEUE_NUM_MAX: u64 = 0x034;
     pub const QUEUE_NUM: u64 = 0x038;
     pub const QUEUE_READY: u64 = 0x044;
+    /// Public: the VM registers an ioeventfd on it.
     pub const QUEUE_NOTIFY: u64 = 0x050;
     pub const INTERRUPT_STATUS: u64 = 0x060;
     pub const INTERRUPT_ACK: u64 = 0x064;
@@ -152,17 +156,20 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space; ignored by default.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the negotiated features and the driver's queues.
+    /// Starts the device with the negotiated features and the driver's
+    /// queues. `notifiers[i]` fires whenever the driver notifies queue `i`
+    /// (through an ioeventfd, without a VM exit to us); the device serves
+    /// its queues on a thread of its own, never on the caller's (a vCPU).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
+        notifiers: Vec<EventFd>,
     ) -> Result<(), ActivateError>;
-    /// The driver has made buffers available on queue `index`.
-    fn queue_notify(&mut self, index: u16);
-    /// Returns the device to its initial state, dropping the queues.
+    /// Returns the device to its initial state: its queue work has
+    /// stopped and the queues are dropped when this returns.
     fn reset(&mut self);
 }
 
@@ -172,6 +179,7 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<VirtioInterrupt>,
     queues: Vec<Queue>,
+    notifiers: Vec<EventFd>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -183,13 +191,22 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Puts `device` behind a transport raising `irq`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<IrqLine>) -> Self {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: Arc<IrqLine>,
+    ) -> io::Result<Self> {
         let queues = Self::fresh_queues(device.as_ref());
-        MmioTransport {
+        let notifiers = queues
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<_>>()?;
+        Ok(MmioTransport {
             device,
             mem,
             interrupt: Arc::new(VirtioInterrupt::new(irq)),
             queues,
+            notifiers,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -197,7 +214,14 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
-        }
+        })
+    }
+
+    /// Queue `i`'s notification eventfd: the VM registers it as an
+    /// ioeventfd on [`reg::QUEUE_NOTIFY`] with datamatch `i`, so a notify
+    /// wakes the device's thread without an exit to the vCPU thread.
+    pub fn notifiers(&self) -> &[EventFd] {
+        &self.notifiers
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -234,6 +258,10 @@ impl MmioTransport {
         self.status = 0;
         self.activated = false;
         self.interrupt.ack(u32::MAX);
+        // Notifications for the old queues must not wake the next run.
+        for n in &self.notifiers {
+            let _ = n.read();
+        }
     }
 
     fn set_status(&mut self, value: u32) {
@@ -278,12 +306,19 @@ impl MmioTransport {
             }
             q.set_event_idx(event_idx);
         }
+        let notifiers = self
+            .notifiers
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| ActivateError::Device(format!("queue notifier: {e}")))?;
         let queues = std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
         self.device.activate(
             self.mem.clone(),
             self.driver_features,
             queues,
             self.interrupt.clone(),
+            notifiers,
         )
     }
 
@@ -348,10 +383,14 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
+            // Only reached when no ioeventfd took the write (unit tests,
+            // or a kernel without them): the same eventfd, the same path.
             reg::QUEUE_NOTIFY => {
                 if self.activated && self.status & status::DEVICE_NEEDS_RESET == 0 {
-                    if let Ok(index) = u16::try_from(v) {
-                        self.device.queue_notify(index);
+                    if let Some(n) = usize::try_from(v).ok().and_then(|i| self.notifiers.get(i)) {
+                        if let Err(e) = n.write(1) {
+                            tracing::warn!(error = %e, "cannot signal a queue notification");
+                        }
                     }
                 }
             }
@@ -413,7 +452,7 @@ mod tests {
     #[derive(Default)]
     struct Log {
         activations: Vec<(u64, usize)>,
-        notifies: Vec<u16>,
+        notifiers: Vec<EventFd>,
         resets: usize,
     }
 
@@ -438,16 +477,12 @@ mod tests {
             features: u64,
             queues: Vec<Queue>,
             _interrupt: Arc<VirtioInterrupt>,
+            notifiers: Vec<EventFd>,
         ) -> Result<(), ActivateError> {
-            self.0
-                .lock()
-                .unwrap()
-                .activations
-                .push((features, queues.len()));
+            let mut log = self.0.lock().unwrap();
+            log.activations.push((features, queues.len()));
+            log.notifiers = notifiers;
             Ok(())
-        }
-        fn queue_notify(&mut self, index: u16) {
-            self.0.lock().unwrap().notifies.push(index);
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -459,7 +494,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let irq = Arc::new(IrqLine::new(5).unwrap());
         (
-            MmioTransport::new(Box::new(FakeDevice(log.clone())), mem, irq),
+            MmioTransport::new(Box::new(FakeDevice(log.clone())), mem, irq).unwrap(),
             log,
         )
     }
@@ -530,8 +565,20 @@ mod tests {
             log.lock().unwrap().activations,
             vec![(VIRTIO_F_VERSION_1, 1)]
         );
+        let log = log.lock().unwrap();
+        assert_eq!(log.notifiers.len(), 1);
+        assert!(log.notifiers[0].read().is_err(), "nothing notified yet");
         w(&mut t, reg::QUEUE_NOTIFY, 0);
-        assert_eq!(log.lock().unwrap().notifies, vec![0]);
+        assert_eq!(
+            log.notifiers[0].read().unwrap(),
+            1,
+            "the device's eventfd fires"
+        );
+        w(&mut t, reg::QUEUE_NOTIFY, 7);
+        assert!(
+            log.notifiers[0].read().is_err(),
+            "a queue that does not exist"
+        );
     }
 
     #[test]
@@ -561,7 +608,7 @@ mod tests {
         assert!(log.lock().unwrap().activations.is_empty());
         w(&mut t, reg::QUEUE_NOTIFY, 0);
         assert!(
-            log.lock().unwrap().notifies.is_empty(),
+            t.notifiers()[0].read().is_err(),
             "no notify to an inactive device"
         );
     }

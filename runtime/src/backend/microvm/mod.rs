@@ -60,8 +60,18 @@ impl MicroVm {
             what: format!("the pod's share in {}", rec.dir.display()),
             source,
         })?;
+        // The VMM mounts its jail's root here, in its own mount namespace:
+        // on the host it stays an empty directory.
+        let jail = rec.dir.join("jail");
+        crate::store::private_dirs(&jail).map_err(|source| BackendError::Spawn {
+            what: format!("the VMM's jail directory {}", jail.display()),
+            source,
+        })?;
         let mut cmd = Command::new(&vmm);
-        cmd.arg("--kernel")
+        cmd.arg("--jail")
+            .arg(&jail)
+            .args(["--seccomp", c.seccomp.as_arg()])
+            .arg("--kernel")
             .arg(&kernel)
             .arg("--initrd")
             .arg(&initrd)
@@ -160,6 +170,12 @@ impl SandboxBackend for MicroVm {
             call_timeout: self.call_timeout(),
         };
         wait_ready(rec, p, spawned, boot).await
+    }
+
+    fn death_note(&self, rec: &SandboxRecord) -> Option<String> {
+        // The VMM's (or its keeper's) last words: "vmcri-vmm: the jailed
+        // VMM was killed by signal 31 (SIGSYS: ...)", a guest panic, ...
+        super::last_line_with(&rec.dir.join("vmm.log"), "vmcri-vmm: ")
     }
 
     async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {

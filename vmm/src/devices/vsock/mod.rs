@@ -6,17 +6,19 @@
 //! - `handshake`: the `CONNECT <port>` / `OK <port>` text protocol;
 //! - `connection`: one stream's state machine and credit accounting;
 //! - `muxer`: the connection table and the Unix sockets;
-//! - this module: the virtio device and the worker thread that owns the
-//!   queues once the driver is ready.
+//! - this module: the virtio device and its worker, which owns the queues
+//!   once the driver is ready and runs on the device's thread, `vsock`.
 
 pub mod connection;
 pub mod handshake;
 pub mod muxer;
 pub mod packet;
 
+use super::thread::{DeviceThread, Task};
 use super::virtio_mmio::{
     read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
+use crate::seccomp::Role;
 use muxer::{Muxer, LISTENER_TOKEN};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -24,7 +26,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -42,8 +43,9 @@ const EVENT: usize = 2;
 /// restore); the guest drops all its connections.
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
-const KICK_TOKEN: u64 = LISTENER_TOKEN - 1;
-const STOP_TOKEN: u64 = LISTENER_TOKEN - 2;
+const STOP_TOKEN: u64 = LISTENER_TOKEN - 1;
+/// Queue `i`'s notifier has token `NOTIFY_TOKEN - i`.
+const NOTIFY_TOKEN: u64 = LISTENER_TOKEN - 2;
 /// Upper bound on an epoll wait, so deadlines are checked regularly.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -52,9 +54,9 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: Option<UnixListener>,
-    kick: Arc<EventFd>,
     stop: Arc<EventFd>,
-    worker: Option<JoinHandle<UnixListener>>,
+    thread: DeviceThread,
+    worker: Option<Task<UnixListener>>,
 }
 
 impl Vsock {
@@ -81,8 +83,8 @@ impl Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             listener: Some(listener),
-            kick: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             stop: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            thread: DeviceThread::spawn("vsock", Role::Vsock)?,
             worker: None,
         })
     }
@@ -91,8 +93,8 @@ impl Vsock {
         if let Some(worker) = self.worker.take() {
             let _ = self.stop.write(1);
             match worker.join() {
-                Ok(listener) => self.listener = Some(listener),
-                Err(_) => tracing::error!(
+                Some(listener) => self.listener = Some(listener),
+                None => tracing::error!(
                     "vsock worker panicked; host connections are no longer accepted"
                 ),
             }
@@ -112,7 +114,7 @@ struct Worker {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     interrupt: Arc<VirtioInterrupt>,
-    kick: Arc<EventFd>,
+    notifiers: Vec<EventFd>,
 }
 
 impl Worker {
@@ -133,10 +135,12 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     STOP_TOKEN => return self.muxer.into_listener(),
-                    KICK_TOKEN => {
-                        let _ = self.kick.read();
-                    }
-                    token => self.muxer.handle_event(token, ev.event_set()),
+                    token => match notifier_index(token, self.notifiers.len()) {
+                        Some(i) => {
+                            let _ = self.notifiers[i].read();
+                        }
+                        None => self.muxer.handle_event(token, ev.event_set()),
+                    },
                 }
             }
             self.muxer.sweep(Instant::now());
@@ -164,6 +168,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// The queue whose notifier has epoll `token`, if it is one of the
+/// `count` notifier tokens.
+fn notifier_index(token: u64, count: usize) -> Option<usize> {
+    let i = usize::try_from(NOTIFY_TOKEN.checked_sub(token)?).ok()?;
+    (i < count).then_some(i)
 }
 
 /// The epoll timeout in milliseconds from `now` to `deadline`, at most
@@ -218,6 +229,7 @@ impl VirtioDevice for Vsock {
         _features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
+        notifiers: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         for (i, q) in queues.iter().enumerate().take(EVENT + 1) {
             if !q.ready() {
@@ -230,10 +242,11 @@ impl VirtioDevice for Vsock {
             .ok_or_else(|| ActivateError::Device("vsock listener unavailable".into()))?;
         let muxer = Muxer::new(self.guest_cid, &self.uds_path, listener)
             .map_err(|e| ActivateError::Device(e.to_string()))?;
-        for (fd, token) in [
-            (self.kick.as_raw_fd(), KICK_TOKEN),
-            (self.stop.as_raw_fd(), STOP_TOKEN),
-        ] {
+        let mut fds = vec![(self.stop.as_raw_fd(), STOP_TOKEN)];
+        for (i, n) in notifiers.iter().enumerate() {
+            fds.push((n.as_raw_fd(), NOTIFY_TOKEN - i as u64));
+        }
+        for (fd, token) in fds {
             muxer
                 .epoll()
                 .ctl(
@@ -248,20 +261,14 @@ impl VirtioDevice for Vsock {
             mem,
             queues,
             interrupt,
-            kick: self.kick.clone(),
+            notifiers,
         };
-        let handle = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run())
+        let task = self
+            .thread
+            .run(move || worker.run())
             .map_err(|e| ActivateError::Device(e.to_string()))?;
-        self.worker = Some(handle);
+        self.worker = Some(task);
         Ok(())
-    }
-
-    fn queue_notify(&mut self, _index: u16) {
-        if let Err(e) = self.kick.write(1) {
-            tracing::warn!(error = %e, "vsock: cannot wake the worker");
-        }
     }
 
     fn reset(&mut self) {
@@ -282,6 +289,16 @@ mod tests {
         assert_eq!(wait_millis(Some(now), now + Duration::from_secs(1)), 0);
         assert_eq!(wait_millis(Some(now + Duration::from_secs(60)), now), 1000);
         assert_eq!(wait_millis(None, now), 1000);
+    }
+
+    #[test]
+    fn notifier_tokens_name_their_queue_and_nothing_else() {
+        assert_eq!(notifier_index(NOTIFY_TOKEN, 3), Some(0));
+        assert_eq!(notifier_index(NOTIFY_TOKEN - 2, 3), Some(2));
+        assert_eq!(notifier_index(NOTIFY_TOKEN - 3, 3), None);
+        assert_eq!(notifier_index(STOP_TOKEN, 3), None);
+        assert_eq!(notifier_index(LISTENER_TOKEN, 3), None);
+        assert_eq!(notifier_index(7, 3), None, "a socket's fd token");
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! The threads devices run on, off the vCPUs.
+//!
+//! Every virtio device gets a thread of its own, named after it (`rng`,
+//! `vsock`, `fs0`): a guest's file I/O then never stalls its vCPU, one
+//! device's stall never holds another's, and each thread can carry the
+//! seccomp allowlist of its role alone.
+//!
+//! The threads are spawned while the VM is built, not when the driver
+//! activates a device: activation is an MMIO write, handled on a vCPU
+//! thread, and a thread inherits its creator's seccomp filter, so a thread
+//! spawned there would be held to the vCPU's allowlist as well as its own.
+//! A device thread waits for work: activation hands it a job (the device's
+//! queue loop), which runs until the device is reset.
+
+use crate::seccomp::{self, Role};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A device's own thread, waiting for jobs.
+pub struct DeviceThread {
+    name: String,
+    jobs: Option<mpsc::Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A job handed to a [`DeviceThread`]; [`Task::join`] waits for its end.
+pub struct Task<T> {
+    result: mpsc::Receiver<T>,
+}
+
+impl<T> Task<T> {
+    /// Waits for the job to end and returns what it returned, or `None`
+    /// if it panicked.
+    pub fn join(self) -> Option<T> {
+        self.result.recv().ok()
+    }
+}
+
+impl DeviceThread {
+    /// Spawns thread `name`, which installs the seccomp filter of `role`
+    /// before it runs anything; fails if the filter cannot be installed.
+    pub fn spawn(name: &str, role: Role) -> io::Result<DeviceThread> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let installed = seccomp::install(role);
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed);
+                if !ok {
+                    return;
+                }
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(DeviceThread {
+                name: name.to_string(),
+                jobs: Some(jobs),
+                handle: Some(handle),
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(io::Error::other(format!(
+                    "thread {name}: seccomp filter: {e}"
+                )))
+            }
+            Err(_) => Err(io::Error::other(format!("thread {name} ended at start"))),
+        }
+    }
+
+    /// Runs `job` on the thread, after any job before it has ended.
+    pub fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<Task<T>> {
+        let (tx, result) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(job());
+        });
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| io::Error::other(format!("device thread {} has ended", self.name)))?;
+        Ok(Task { result })
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once its job has returned;
+        // the device stops its job before dropping the thread.
+        self.jobs = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The epoll token of the stop eventfd in [`serve_queues`].
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// Calls `notify(i)` whenever the driver notifies queue `i` (its eventfd,
+/// `notifiers[i]`, fires), until `stop` fires. Every queue is served once
+/// at the start: the driver may have queued buffers before the first
+/// notification reached us.
+pub fn serve_queues(
+    notifiers: &[EventFd],
+    stop: &EventFd,
+    mut notify: impl FnMut(u16),
+) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    let mut indices = Vec::with_capacity(notifiers.len());
+    for (i, n) in notifiers.iter().enumerate() {
+        let index = u16::try_from(i).map_err(|_| io::Error::other("too many queues"))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            n.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, u64::from(index)),
+        )?;
+        indices.push(index);
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP_TOKEN),
+    )?;
+    for &i in &indices {
+        notify(i);
+    }
+    let mut events = vec![EpollEvent::default(); notifiers.len() + 1];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == STOP_TOKEN {
+                let _ = stop.read();
+                return Ok(());
+            }
+            let Ok(index) = u16::try_from(token) else {
+                continue;
+            };
+            if let Some(n) = notifiers.get(usize::from(index)) {
+                // Clears the count before serving, so a notification that
+                // arrives while we serve wakes us again.
+                let _ = n.read();
+                notify(index);
+            }
+        }
+    }
+}
+
+/// A device's queue loop running on its thread, and the eventfd that ends
+/// it.
+pub struct QueueWorker {
+    stop: EventFd,
+    task: Option<Task<io::Result<()>>>,
+}
+
+impl QueueWorker {
+    /// A worker that is not running.
+    pub fn new() -> io::Result<QueueWorker> {
+        Ok(QueueWorker {
+            stop: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            task: None,
+        })
+    }
+
+    /// Runs [`serve_queues`] on `thread` with `notify`, until [`Self::stop`].
+    pub fn start(
+        &mut self,
+        thread: &DeviceThread,
+        notifiers: Vec<EventFd>,
+        mut notify: impl FnMut(u16) + Send + 'static,
+    ) -> io::Result<()> {
+        self.stop();
+        let stop = self.stop.try_clone()?;
+        let name = thread.name.clone();
+        self.task = Some(thread.run(move || {
+            let result = serve_queues(&notifiers, &stop, &mut notify);
+            if let Err(e) = &result {
+                tracing::error!(thread = %name, error = %e, "device queue loop failed");
+            }
+            result
+        })?);
+        Ok(())
+    }
+
+    /// Ends the loop, if running, and waits until it has.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = self.stop.write(1);
+            let _ = task.join();
+            // A loop that ended on its own left the stop count behind.
+            let _ = self.stop.read();
+        }
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn jobs_run_on_the_named_thread_in_order() {
+        let t = DeviceThread::spawn("test-dev", Role::Device).unwrap();
+        let a = t
+            .run(|| std::thread::current().name().map(str::to_string))
+            .unwrap();
+        let b = t.run(|| 2).unwrap();
+        assert_eq!(a.join().unwrap().as_deref(), Some("test-dev"));
+        assert_eq!(b.join(), Some(2));
+    }
+
+    #[test]
+    fn notifications_reach_the_queue_loop_until_it_is_stopped() {
+        let thread = DeviceThread::spawn("test-q", Role::Device).unwrap();
+        let notifiers: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = QueueWorker::new().unwrap();
+        let log = seen.clone();
+        worker
+            .start(
+                &thread,
+                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
+                move |i| log.lock().unwrap().push(i),
+            )
+            .unwrap();
+        wait_for("the initial pass", || seen.lock().unwrap().len() == 2);
+        notifiers[1].write(1).unwrap();
+        wait_for("queue 1", || seen.lock().unwrap().len() == 3);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 1]);
+        worker.stop();
+        notifiers[0].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            3,
+            "a stopped loop serves nothing"
+        );
+        // The thread takes the next job.
+        let log = seen.clone();
+        worker
+            .start(
+                &thread,
+                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
+                move |i| log.lock().unwrap().push(i),
+            )
+            .unwrap();
+        wait_for("a restarted loop", || seen.lock().unwrap().len() >= 5);
+    }
+}
