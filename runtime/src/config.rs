@@ -40,6 +40,24 @@ boot_timeout_secs = 300
 # syscall outside a thread's allowlist kills the VMM and the pod reports
 # NOTREADY with the reason); "log" or "off" only to debug a refusal.
 seccomp = "enforce"
+# What a pod's VMM may use beyond its containers' limits: the VMM itself,
+# the guest kernel and agent, KVM's page tables. Added to the pod's memory
+# and CPU limits in its host cgroup ([cgroups]); kubelet's RuntimeClass
+# `overhead` is used instead where it is larger. A pod with no memory
+# (CPU) limit gets no memory (CPU) limit, overhead or not.
+overhead_memory_mib = 128
+overhead_cpu_millis = 100
+
+[cgroups]
+# Each microVM pod's VMM runs in the host cgroup
+# <cgroup_parent>/vmcri-<sandbox id> (cgroupfs form, as kubelet's cgroupfs
+# driver sends it; v1 and v2 are found at start), limited to the pod's
+# resources plus [microvm] overhead, its CPU and memory counted there for
+# the pod's stats, and removed with the pod. false runs VMMs in the
+# daemon's own cgroup (hosts without a writable cgroupfs).
+enabled = true
+# The parent when RunPodSandbox gives none (crictl).
+default_parent = "/vmcri"
 
 [process]
 # vmcri-agent binary; empty = next to the vmcri binary, else $PATH.
@@ -155,6 +173,10 @@ pub struct MicrovmConfig {
     pub boot_timeout_secs: u64,
     /// The VMM's seccomp mode.
     pub seccomp: SeccompMode,
+    /// Memory a pod's VMM and guest may use beyond the pod's limit.
+    pub overhead_memory_mib: u64,
+    /// CPU a pod's VMM and guest may use beyond the pod's limit.
+    pub overhead_cpu_millis: u64,
 }
 
 /// How the VMM's seccomp filters act (`vmcri-vmm --seccomp`).
@@ -178,6 +200,16 @@ impl SeccompMode {
             SeccompMode::Off => "off",
         }
     }
+}
+
+/// `[cgroups]`: the host cgroups of microVM pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupsConfig {
+    /// Whether pods get host cgroups.
+    pub enabled: bool,
+    /// The parent when a request names none.
+    pub default_parent: String,
 }
 
 /// `[process]`.
@@ -247,6 +279,8 @@ pub struct Config {
     pub handlers: BTreeMap<String, Handler>,
     /// microVM settings.
     pub microvm: MicrovmConfig,
+    /// Pod cgroups.
+    pub cgroups: CgroupsConfig,
     /// Process backend settings.
     pub process: ProcessConfig,
     /// Agent settings.
@@ -363,6 +397,8 @@ impl Config {
                 "agent: call_timeout_secs and stats_timeout_secs must be at least 1".into(),
             ));
         }
+        crate::cgroup::path::CgroupPath::parse(&self.cgroups.default_parent)
+            .map_err(|e| ConfigError::Invalid(format!("cgroups: default_parent: {e}")))?;
         if self.images.min_free_percent > 100 {
             return Err(ConfigError::Invalid(
                 "images: min_free_percent must be 0-100".into(),
@@ -447,6 +483,25 @@ mod tests {
             Config::load(Some(Path::new("/nonexistent.toml"))),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn cgroups_default_as_documented_and_a_bad_parent_is_refused() {
+        let c = Config::load(None).unwrap();
+        assert!(c.cgroups.enabled);
+        assert_eq!(c.cgroups.default_parent, "/vmcri");
+        assert_eq!(
+            (c.microvm.overhead_memory_mib, c.microvm.overhead_cpu_millis),
+            (128, 100)
+        );
+        for bad in ["vmcri", "/a/../b", "kubepods.slice"] {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            writeln!(f, "[cgroups]\ndefault_parent = {bad:?}").unwrap();
+            assert!(
+                matches!(Config::load(Some(f.path())), Err(ConfigError::Invalid(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`backend`] (microVM or host process) and [`store`] (records on disk).
 
 pub mod backend;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod cri;

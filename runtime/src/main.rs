@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::UnixListenerStream;
 use vmcri_runtime::backend::Backends;
+use vmcri_runtime::cgroup::PodCgroups;
 use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
 use vmcri_runtime::container::Containers;
 use vmcri_runtime::cri::Cri;
@@ -141,10 +142,18 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         .with_context(|| format!("creating state root {}", config.root.display()))?;
     let store = Store::open(&config.root)?;
     let snapshot = store.load()?;
+    let cgroups = PodCgroups::new(&config).context("pod cgroups ([cgroups])")?;
+    match cgroups.hierarchy() {
+        Some(h) => tracing::info!(hierarchy = ?h, "microVM pods run in host cgroups"),
+        None => {
+            tracing::warn!("[cgroups] enabled = false: VMMs run unlimited in the daemon's cgroup")
+        }
+    }
     let sandboxes = Arc::new(Sandboxes::recover(
         config.clone(),
         store.clone(),
         Backends::new(config.clone()),
+        Arc::new(cgroups),
         snapshot.sandboxes,
     )?);
     if let Some(dir) = config.listen.parent() {

@@ -9,6 +9,7 @@ pub mod host_process;
 pub mod microvm;
 pub mod process;
 
+use crate::cgroup::Placement;
 use crate::config::{Backend, Config, Handler};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use std::path::{Path, PathBuf};
@@ -98,11 +99,19 @@ pub trait SandboxBackend: Send + Sync {
     /// written on the host, for the sandbox in `sandbox_dir`.
     fn etc_dir(&self, sandbox_dir: &Path) -> PathBuf;
 
-    /// Starts the sandbox `rec` describes and waits for its agent.
+    /// Whether the sandbox's process runs in the pod's host cgroup
+    /// (`crate::cgroup`), which then also gives the pod's CPU and memory
+    /// stats.
+    fn runs_in_pod_cgroup(&self) -> bool;
+
+    /// Starts the sandbox `rec` describes and waits for its agent. The
+    /// process enters `cgroup` before it execs (a backend that does not
+    /// run in the pod cgroup is given [`Placement::none`]).
     async fn start(
         &self,
         rec: &SandboxRecord,
         handler: &Handler,
+        cgroup: Placement,
         spawned: Spawned<'_>,
     ) -> Result<ProcessRef, BackendError>;
 

@@ -6,6 +6,7 @@ use super::{
     etc_files, find_binary, refuse_host_pid_and_ipc, socket_dir, stop_process, wait_ready,
     BackendError, Boot, ContainerContext, Exposed, SandboxBackend, Spawned,
 };
+use crate::cgroup::Placement;
 use crate::config::{Backend, Config, Handler, Switch};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use std::path::{Path, PathBuf};
@@ -62,10 +63,19 @@ impl SandboxBackend for HostProcess {
         sandbox_dir.join("etc")
     }
 
+    /// The agent puts each container in a host cgroup of its own (with
+    /// the container's limits, under `/vmcri/<sandbox id>`); the agent
+    /// itself is the daemon's helper, and its containers' figures are
+    /// the host kernel's already.
+    fn runs_in_pod_cgroup(&self) -> bool {
+        false
+    }
+
     async fn start(
         &self,
         rec: &SandboxRecord,
         _handler: &Handler,
+        _cgroup: Placement,
         spawned: Spawned<'_>,
     ) -> Result<ProcessRef, BackendError> {
         socket_dir(rec)?;

@@ -1,6 +1,9 @@
 //! Conversions between CRI messages and the services' records, and the
 //! validation of requests on the way in.
 
+use crate::cgroup::limits::{PodResources, Resources};
+use crate::cgroup::path::CgroupPath;
+use crate::cgroup::stats::Usage;
 use crate::container::ContainerEvent;
 use crate::sandbox::{EventKind, RunRequest, SandboxEvent};
 use crate::store::{
@@ -249,6 +252,13 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
             config.hostname
         )));
     }
+    let linux = config.linux.unwrap_or_default();
+    // Input like any other: it becomes a path under the host's cgroupfs.
+    let cgroup_parent = CgroupPath::parent(&linux.cgroup_parent)?;
+    let resources = PodResources {
+        pod: Resources::from_cri("resources", linux.resources.as_ref())?,
+        overhead: Resources::from_cri("overhead", linux.overhead.as_ref())?,
+    };
     Ok(RunRequest {
         meta: PodMeta {
             name: m.name,
@@ -262,9 +272,8 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
         hostname: config.hostname,
         log_directory: config.log_directory,
         dns: config.dns_config,
-        namespaces: config
-            .linux
-            .and_then(|l| l.security_context)
+        namespaces: linux
+            .security_context
             .and_then(|s| s.namespace_options)
             .map(|o| NamespaceModes {
                 network: o.network,
@@ -272,6 +281,8 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
                 ipc: o.ipc,
             })
             .unwrap_or_default(),
+        cgroup_parent,
+        resources,
     })
 }
 
@@ -348,14 +359,29 @@ pub(super) fn image_name(spec: Option<cri::ImageSpec>, rpc: &str) -> Result<Stri
         .ok_or_else(|| Status::invalid_argument(format!("{rpc}: image is required")))
 }
 
-/// CRI pod stats from the agent's cgroup figures: `total` for the pod,
-/// `containers` already converted.
+/// A pod's CPU and memory as its agent counts them (the process
+/// backend's, where the agent is the host's own helper).
+pub(super) fn usage_of_agent(total: &vmcri_proto::agent::v1::CgroupStats) -> Usage {
+    Usage {
+        timestamp_ns: total.timestamp_ns,
+        cpu_usage_ns: total.cpu_usage_ns,
+        memory_usage_bytes: total.memory_usage_bytes,
+        memory_working_set_bytes: total.memory_working_set_bytes,
+        memory_rss_bytes: total.memory_rss_bytes,
+        page_faults: Some(total.memory_page_faults),
+        major_page_faults: Some(total.memory_major_page_faults),
+    }
+}
+
+/// CRI pod stats: CPU and memory from `usage` (none if unknown), the
+/// process count if known, `containers` already converted.
 pub(super) fn pod_sandbox_stats(
     rec: &SandboxRecord,
-    total: &vmcri_proto::agent::v1::CgroupStats,
+    usage: Option<&Usage>,
+    process_count: Option<u64>,
     containers: Vec<cri::ContainerStats>,
 ) -> cri::PodSandboxStats {
-    let ts = total.timestamp_ns;
+    let ts = usage.map_or_else(crate::id::now_ns, |u| u.timestamp_ns);
     let v = |x: u64| Some(cri::UInt64Value { value: x });
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
@@ -365,25 +391,25 @@ pub(super) fn pod_sandbox_stats(
             annotations: to_hash(&rec.annotations),
         }),
         linux: Some(cri::LinuxPodSandboxStats {
-            cpu: Some(cri::CpuUsage {
+            cpu: usage.map(|u| cri::CpuUsage {
                 timestamp: ts,
-                usage_core_nano_seconds: v(total.cpu_usage_ns),
+                usage_core_nano_seconds: v(u.cpu_usage_ns),
                 usage_nano_cores: None,
             }),
-            memory: Some(cri::MemoryUsage {
+            memory: usage.map(|u| cri::MemoryUsage {
                 timestamp: ts,
-                working_set_bytes: v(total.memory_working_set_bytes),
+                working_set_bytes: v(u.memory_working_set_bytes),
                 available_bytes: None,
-                usage_bytes: v(total.memory_usage_bytes),
-                rss_bytes: v(total.memory_rss_bytes),
-                page_faults: v(total.memory_page_faults),
-                major_page_faults: v(total.memory_major_page_faults),
+                usage_bytes: v(u.memory_usage_bytes),
+                rss_bytes: v(u.memory_rss_bytes),
+                page_faults: u.page_faults.and_then(v),
+                major_page_faults: u.major_page_faults.and_then(v),
             }),
             // Pod networking has not landed.
             network: None,
-            process: Some(cri::ProcessUsage {
+            process: process_count.map(|n| cri::ProcessUsage {
                 timestamp: ts,
-                process_count: v(total.pids_current),
+                process_count: v(n),
             }),
             containers,
         }),
@@ -472,5 +498,74 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("metadata"));
+    }
+
+    #[test]
+    fn the_cgroup_parent_and_resources_are_validated() {
+        let with = |parent: &str, memory: i64| {
+            let mut r = req("p", "");
+            r.config.as_mut().unwrap().linux = Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: parent.into(),
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: memory,
+                    ..Default::default()
+                }),
+                overhead: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 64 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            run_request(r)
+        };
+        let run = with("/kubepods/burstable/pod-u1", 256 << 20).unwrap();
+        assert_eq!(
+            run.cgroup_parent.unwrap().as_str(),
+            "/kubepods/burstable/pod-u1"
+        );
+        assert_eq!(run.resources.pod.memory_bytes, Some(256 << 20));
+        assert_eq!(run.resources.overhead.memory_bytes, Some(64 << 20));
+        // crictl sends none: the configured default applies later.
+        assert_eq!(with("", 0).unwrap().cgroup_parent, None);
+        for (parent, memory) in [
+            ("/kubepods/../..", 0),
+            ("kubepods", 0),
+            ("kubepods-burstable-pod1.slice", 0),
+            ("/kubepods", -1),
+        ] {
+            let e = with(parent, memory).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{parent}: {e}");
+        }
+    }
+
+    #[test]
+    fn pod_stats_carry_the_usage_given_and_leave_out_what_is_unknown() {
+        let rec = crate::store::tests::record("s1");
+        let usage = Usage {
+            timestamp_ns: 5,
+            cpu_usage_ns: 7,
+            memory_usage_bytes: 100,
+            memory_working_set_bytes: 60,
+            memory_rss_bytes: 40,
+            page_faults: Some(3),
+            major_page_faults: None,
+        };
+        let s = pod_sandbox_stats(&rec, Some(&usage), None, Vec::new());
+        let linux = s.linux.unwrap();
+        let cpu = linux.cpu.unwrap();
+        assert_eq!(
+            (cpu.timestamp, cpu.usage_core_nano_seconds.unwrap().value),
+            (5, 7)
+        );
+        let m = linux.memory.unwrap();
+        assert_eq!(m.working_set_bytes.unwrap().value, 60);
+        assert_eq!(m.page_faults.unwrap().value, 3);
+        assert_eq!(m.major_page_faults, None);
+        assert_eq!(linux.process, None);
+        // Unreadable: no figures rather than zeros.
+        let s = pod_sandbox_stats(&rec, None, Some(2), Vec::new());
+        let linux = s.linux.unwrap();
+        assert!(linux.cpu.is_none() && linux.memory.is_none());
+        assert_eq!(linux.process.unwrap().process_count.unwrap().value, 2);
     }
 }

@@ -1,6 +1,7 @@
 //! The one mapping from domain errors to gRPC status codes.
 
 use crate::backend::BackendError;
+use crate::cgroup::CgroupError;
 use crate::container::ContainerError;
 use crate::images::ImageError;
 use crate::sandbox::SandboxError;
@@ -40,7 +41,23 @@ impl From<SandboxError> for Status {
             SandboxError::Backend(BackendError::Refused(_)) => Status::invalid_argument(msg),
             SandboxError::Backend(BackendError::Expose(_)) => Status::internal(msg),
             SandboxError::Backend(_) => Status::unavailable(msg),
+            SandboxError::Cgroup(e) => Status::new(Status::from(e).code(), msg),
             SandboxError::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<CgroupError> for Status {
+    fn from(e: CgroupError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CgroupError::InvalidPath(_) | CgroupError::InvalidResources(_) => {
+                Status::invalid_argument(msg)
+            }
+            // The pod's processes are still dying: a retry succeeds.
+            CgroupError::Busy { .. } => Status::unavailable(msg),
+            CgroupError::NoHierarchy(_) => Status::failed_precondition(msg),
+            CgroupError::Io { .. } | CgroupError::Parse { .. } => Status::internal(msg),
         }
     }
 }

@@ -13,9 +13,34 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 impl Cri {
-    /// The stats of ready pod `rec` and of its live containers.
+    /// The stats of ready pod `rec` and of its live containers. A pod with
+    /// a host cgroup (microVM) has its CPU and memory from there, never
+    /// from the guest, and gets them even when its guest does not answer
+    /// (its containers then have no figures); otherwise the agent's
+    /// account is the pod's. The process count is the guest's either
+    /// way: its processes take no host PIDs.
     async fn pod_stats(&self, rec: &SandboxRecord) -> Result<cri::PodSandboxStats, Status> {
-        let (total, each) = self.containers.sandbox_stats(&rec.id).await?;
+        let guest = self.containers.sandbox_stats(&rec.id).await;
+        let (usage, process_count, each) = match self.sandboxes.host_usage(rec) {
+            None => {
+                let (total, each) = guest?;
+                (Some(usage_of_agent(&total)), Some(total.pids_current), each)
+            }
+            Some(host) => {
+                let usage = host
+                    .inspect_err(|e| {
+                        tracing::warn!(sandbox_id = %rec.id, error = %e, "reading the pod's cgroup");
+                    })
+                    .ok();
+                match guest {
+                    Ok((total, each)) => (usage, Some(total.pids_current), each),
+                    Err(e) => {
+                        tracing::warn!(sandbox_id = %rec.id, error = %e, "container stats from the guest");
+                        (usage, None, HashMap::new())
+                    }
+                }
+            }
+        };
         let containers: Vec<cri::ContainerStats> = self
             .containers
             .list()
@@ -23,7 +48,12 @@ impl Cri {
             .filter(|c| c.sandbox_id == rec.id && c.state != ContainerState::Exited)
             .map(|c| stats_of(c, each.get(&c.id)))
             .collect();
-        Ok(pod_sandbox_stats(rec, &total, containers))
+        Ok(pod_sandbox_stats(
+            rec,
+            usage.as_ref(),
+            process_count,
+            containers,
+        ))
     }
 }
 

@@ -6,6 +6,10 @@
 pub mod pod_files;
 
 use crate::backend::{BackendError, Backends, SandboxBackend};
+use crate::cgroup::limits::PodResources;
+use crate::cgroup::path::CgroupPath;
+use crate::cgroup::stats::Usage;
+use crate::cgroup::{CgroupError, Placement, PodCgroups};
 use crate::config::Config;
 use crate::id::{new_id, now_ns};
 use crate::lock::lock;
@@ -52,6 +56,9 @@ pub enum SandboxError {
     /// Starting or reaching the sandbox failed (Unavailable/Internal).
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Making, filling or removing the pod's host cgroup failed.
+    #[error("the pod's cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
     /// Persisting state failed (Internal).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -100,6 +107,10 @@ pub struct RunRequest {
     pub dns: Option<k8s_cri::v1::DnsConfig>,
     /// Pod-level namespace modes.
     pub namespaces: NamespaceModes,
+    /// Parent of the pod's host cgroup (the configured default if none).
+    pub cgroup_parent: Option<CgroupPath>,
+    /// The pod's summed resources and kubelet's overhead.
+    pub resources: PodResources,
 }
 
 /// A sandbox as its users see it: its record at one moment, the backend
@@ -196,6 +207,7 @@ pub struct Sandboxes {
     config: Arc<Config>,
     store: Store,
     backends: Backends,
+    cgroups: Arc<PodCgroups>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     events: broadcast::Sender<SandboxEvent>,
 }
@@ -208,6 +220,7 @@ impl Sandboxes {
         config: Arc<Config>,
         store: Store,
         backends: Backends,
+        cgroups: Arc<PodCgroups>,
         records: Vec<SandboxRecord>,
     ) -> Result<Sandboxes, SandboxError> {
         let mut entries = HashMap::new();
@@ -247,6 +260,7 @@ impl Sandboxes {
         let (events, _) = broadcast::channel(1024);
         Ok(Sandboxes {
             backends,
+            cgroups,
             config,
             store,
             entries: Mutex::new(entries),
@@ -321,6 +335,8 @@ impl Sandboxes {
         let id = new_id();
         let dir = self.store.sandbox_dir(&id);
         let socket_dir = self.config.root.join("run").join(&id[..16]);
+        let cgroup = (backend.runs_in_pod_cgroup() && self.cgroups.enabled())
+            .then(|| self.cgroups.path_for(req.cgroup_parent.as_ref(), &id));
         let rec = SandboxRecord {
             id: id.clone(),
             meta: req.meta.clone(),
@@ -337,6 +353,7 @@ impl Sandboxes {
             log_directory: req.log_directory,
             hostname: req.hostname,
             namespaces: req.namespaces,
+            cgroup: cgroup.as_ref().map(|c| c.to_string()),
         };
         let entry = Entry::new(rec.clone(), backend.clone());
         let _op = entry.op.lock().await;
@@ -365,9 +382,28 @@ impl Sandboxes {
             })
         });
         if let Err(e) = saved {
-            self.forget(&rec, &socket_dir);
+            self.forget(&rec, &socket_dir).await;
             return Err(e.into());
         }
+        // Made and limited before the VMM exists: it allocates guest
+        // memory in it from the start.
+        let placement = match cgroup {
+            Some(path) => {
+                let resources = req.resources;
+                let made = self
+                    .off_workers(path.to_string(), move |c| c.create(&path, &resources))
+                    .await;
+                match made {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(sandbox_id = %id, error = %e, "cannot make the pod's cgroup");
+                        self.forget(&rec, &socket_dir).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => Placement::none(),
+        };
         self.publish(EventKind::Created, &rec);
         tracing::info!(sandbox_id = %id, backend = %rec.backend, name = %req.meta.name, "starting pod sandbox");
         let spawned = Box::new(|p: ProcessRef| {
@@ -380,7 +416,7 @@ impl Sandboxes {
                 .save_sandbox(&booting)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         });
-        match backend.start(&rec, &handler, spawned).await {
+        match backend.start(&rec, &handler, placement, spawned).await {
             Ok(p) => {
                 let done = {
                     let mut r = lock(&entry.record);
@@ -397,7 +433,7 @@ impl Sandboxes {
                 // Nothing half-made stays behind: the caller retries with the
                 // same metadata, so the record must go (start killed the
                 // process if it had one).
-                self.forget(&rec, &socket_dir);
+                self.forget(&rec, &socket_dir).await;
                 tracing::error!(sandbox_id = %id, error = %e, "pod sandbox failed to start");
                 Err(e.into())
             }
@@ -405,8 +441,11 @@ impl Sandboxes {
     }
 
     /// Drops a sandbox that never started, with everything made for it.
-    fn forget(&self, rec: &SandboxRecord, socket_dir: &std::path::Path) {
+    async fn forget(&self, rec: &SandboxRecord, socket_dir: &std::path::Path) {
         lock(&self.entries).remove(&rec.id);
+        if let Err(e) = self.remove_cgroup(rec).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %e, "removing the cgroup of a sandbox that did not start");
+        }
         let backend = self.backends.get(rec.backend);
         if let Err(e) = backend
             .release_all(&rec.dir)
@@ -420,6 +459,43 @@ impl Sandboxes {
             tracing::warn!(sandbox_id = %rec.id, error = %e, "cleaning up a sandbox that did not start");
         }
         let _ = crate::hostfs::remove::remove_tree(socket_dir);
+    }
+
+    /// Removes the pod's host cgroup, if it has one (off the async
+    /// workers: it may wait for killed processes to be gone).
+    async fn remove_cgroup(&self, rec: &SandboxRecord) -> Result<(), CgroupError> {
+        let Some(path) = rec.cgroup.clone() else {
+            return Ok(());
+        };
+        self.off_workers(path.clone(), move |c| c.remove(&path))
+            .await?;
+        tracing::debug!(sandbox_id = %rec.id, cgroup = ?rec.cgroup, "pod cgroup removed");
+        Ok(())
+    }
+
+    /// Runs blocking cgroup work `f` (on cgroup `path`) on a blocking
+    /// thread.
+    async fn off_workers<T: Send + 'static>(
+        &self,
+        path: String,
+        f: impl FnOnce(&PodCgroups) -> Result<T, CgroupError> + Send + 'static,
+    ) -> Result<T, CgroupError> {
+        let cgroups = self.cgroups.clone();
+        tokio::task::spawn_blocking(move || f(&cgroups))
+            .await
+            .unwrap_or_else(|join| {
+                Err(CgroupError::Io {
+                    path: path.into(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            })
+    }
+
+    /// The host's account of the pod's CPU and memory, from its cgroup;
+    /// `None` for a pod without one (its agent's figures stand).
+    pub fn host_usage(&self, rec: &SandboxRecord) -> Option<Result<Usage, CgroupError>> {
+        let path = rec.cgroup.as_deref()?;
+        Some(self.cgroups.usage(path))
     }
 
     fn handler_names(&self) -> String {
@@ -450,6 +526,11 @@ impl Sandboxes {
         }
         entry.backend.stop(&rec).await;
         entry.channel.close();
+        // The VMM is gone; so must be anything left in its cgroup. A
+        // failure here is retried by RemovePodSandbox, which reports it.
+        if let Err(e) = self.remove_cgroup(&rec).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %e, "pod cgroup not removed at stop");
+        }
         let done = {
             let mut r = lock(&entry.record);
             r.state = SandboxState::NotReady;
@@ -474,6 +555,10 @@ impl Sandboxes {
         let entry = self.entry(&id)?;
         let _op = entry.op.lock().await;
         let rec = lock(&entry.record).clone();
+        // Also when the VMM died on its own (kill -9) or the daemon
+        // restarted since: the record names the cgroup. An error keeps
+        // the record, so kubelet's retry tries again.
+        self.remove_cgroup(&rec).await?;
         // Unbind what the backend exposed first: removal never deletes
         // through a mount (a pod's share binds host volumes).
         entry

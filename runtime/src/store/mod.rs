@@ -262,6 +262,7 @@ pub(crate) mod tests {
             log_directory: String::new(),
             hostname: "h".into(),
             namespaces: NamespaceModes::default(),
+            cgroup: None,
         }
     }
 
@@ -350,6 +351,22 @@ pub(crate) mod tests {
         store.remove_sandbox("a").unwrap();
         store.remove_sandbox("a").unwrap();
         assert_eq!(store.load().unwrap().sandboxes.len(), 1);
+    }
+
+    #[test]
+    fn records_from_before_cgroups_load_and_new_ones_keep_theirs() {
+        let root = Root::new();
+        let store = Store::open(root.path()).unwrap();
+        let mut old = serde_json::to_value(record("old")).unwrap();
+        old.as_object_mut().unwrap().remove("cgroup");
+        std::fs::create_dir_all(store.sandbox_dir("old")).unwrap();
+        std::fs::write(store.record_path("old"), old.to_string()).unwrap();
+        let mut new = record("new");
+        new.cgroup = Some("/kubepods/pod1/vmcri-new".into());
+        store.save_sandbox(&new).unwrap();
+        let mut all = store.load().unwrap().sandboxes;
+        all.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(all, vec![new, record("old")]);
     }
 
     #[test]

@@ -108,4 +108,10 @@ pub struct SandboxRecord {
     /// read as all-POD, the default).
     #[serde(default)]
     pub namespaces: NamespaceModes,
+    /// Its host cgroup (cgroupfs path, `<parent>/vmcri-<id>`), recorded
+    /// before it is made so that removal finds it after any restart;
+    /// `None` for pods without one (process backend, cgroups disabled,
+    /// records from before cgroups).
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }

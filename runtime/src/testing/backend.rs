@@ -5,6 +5,7 @@
 
 use super::agent::FakeAgent;
 use crate::backend::{BackendError, ContainerContext, Exposed, SandboxBackend, Spawned};
+use crate::cgroup::Placement;
 use crate::config::{Backend, Handler};
 use crate::lock::lock;
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
@@ -127,10 +128,17 @@ impl SandboxBackend for FakeBackend {
         sandbox_dir.join("etc")
     }
 
+    /// As a VMM would; the test daemon runs with pod cgroups disabled,
+    /// as no process stands behind a fake sandbox.
+    fn runs_in_pod_cgroup(&self) -> bool {
+        true
+    }
+
     async fn start(
         &self,
         rec: &SandboxRecord,
         _handler: &Handler,
+        _cgroup: Placement,
         spawned: Spawned<'_>,
     ) -> Result<ProcessRef, BackendError> {
         if let Some(why) = lock(&self.fail_start).take() {

@@ -4,6 +4,7 @@
 
 use super::backend::FakeBackend;
 use crate::backend::Backends;
+use crate::cgroup::PodCgroups;
 use crate::config::Config;
 use crate::container::Containers;
 use crate::cri::Cri;
@@ -90,6 +91,8 @@ impl Daemon {
                 config.clone(),
                 store.clone(),
                 Backends::only(backend.clone()),
+                // No process stands behind a fake sandbox.
+                Arc::new(PodCgroups::over(None, &config).expect("the default cgroup parent")),
                 snapshot.sandboxes,
             )
             .expect("sandboxes recover"),

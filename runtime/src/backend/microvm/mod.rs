@@ -8,6 +8,7 @@ use super::{
     etc_files, find_binary, refuse_host_pid_and_ipc, socket_dir, stop_process, wait_ready,
     BackendError, Boot, ContainerContext, Exposed, SandboxBackend, Spawned,
 };
+use crate::cgroup::Placement;
 use crate::config::{Backend, Config, Handler};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use share::SharedDir;
@@ -146,22 +147,30 @@ impl SandboxBackend for MicroVm {
         SharedDir::new(sandbox_dir).etc_dir()
     }
 
+    /// The VMM holds the guest's memory: the pod's limits apply to it.
+    fn runs_in_pod_cgroup(&self) -> bool {
+        true
+    }
+
     async fn start(
         &self,
         rec: &SandboxRecord,
         handler: &Handler,
+        cgroup: Placement,
         spawned: Spawned<'_>,
     ) -> Result<ProcessRef, BackendError> {
         socket_dir(rec)?;
         let log = rec.dir.join("vmm.log");
         let cmd = self.command(rec, handler)?;
         let vmm = cmd.get_program().to_owned();
-        let p = super::host_process::spawn_detached(cmd, &log, || Ok(())).map_err(|source| {
-            BackendError::Spawn {
+        // Into the pod cgroup before exec, so every page of guest memory
+        // the VMM touches is charged there (its children inherit it).
+        let p = super::host_process::spawn_detached(cmd, &log, move || cgroup.enter()).map_err(
+            |source| BackendError::Spawn {
                 what: Path::new(&vmm).display().to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let boot = Boot {
             what: "VMM",
             log,
