@@ -184,6 +184,20 @@ fn safe_parent(root: &Path, rel: &Path, meter: &mut InodeMeter) -> Result<PathBu
     Ok(cur)
 }
 
+/// True if `path`, under `root`, is a directory reached from `root`
+/// through directories only, no component a symlink. The layer is being
+/// built by this thread alone, so the answer holds until it acts on it.
+fn reached_without_symlinks(root: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return false;
+    };
+    let mut cur = root.to_path_buf();
+    rel.components().all(|c| {
+        cur.push(c);
+        fs::symlink_metadata(&cur).is_ok_and(|m| m.is_dir())
+    })
+}
+
 /// Removes whatever an earlier entry left at `path` (later entries win),
 /// keeping a directory when a directory replaces it.
 fn clear(path: &Path, keep_dir: bool) -> Result<(), UnpackError> {
@@ -474,6 +488,12 @@ fn walk<R: Read>(
         }
     }
     for (dir, mode) in dir_modes.into_iter().rev() {
+        // A later entry may have replaced the directory, or one above it,
+        // with a symlink; chmod follows symlinks, so it would change
+        // whatever the link points at, outside the layer.
+        if !reached_without_symlinks(root, &dir) {
+            continue;
+        }
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
             .map_err(io_at(format!("chmod {}", dir.display())))?;
     }
@@ -567,6 +587,41 @@ mod tests {
             names.is_empty(),
             "a failed unpack leaves nothing behind: {names:?}"
         );
+    }
+
+    /// Found by fuzzing (fuzz/corpus/unpack/chmod-through-replaced-dir):
+    /// directory modes are applied last, by path, and a later entry had
+    /// replaced the directory (or its parent) with a symlink out of the
+    /// layer, so the chmod landed on the host directory it pointed at.
+    #[test]
+    fn directory_modes_never_follow_a_symlink_that_replaced_the_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = scene();
+        let inner = s.outside.join("b");
+        fs::create_dir(&inner).unwrap();
+        for d in [&s.outside, &inner] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let target = s.outside.as_os_str().as_bytes().to_vec();
+        let tar = archive(&[
+            entry(b"a/", b'5', b"", b"", 0o777),
+            entry(b"a/b/", b'5', b"", b"", 0o777),
+            entry(b"a", b'2', b"", &target, 0o777),
+        ]);
+        unpack(&s, &tar).unwrap();
+        for d in [&s.outside, &inner] {
+            let mode = fs::metadata(d).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(
+                mode,
+                0o700,
+                "{} was chmodded through the layer",
+                d.display()
+            );
+        }
+        assert!(fs::symlink_metadata(s.dest.join("a"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

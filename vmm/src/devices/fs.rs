@@ -171,7 +171,7 @@ impl FsDevice {
         };
         let fs = PassthroughFs::new(config).map_err(|e| root_err(e.to_string()))?;
         fs.import().map_err(|e| root_err(e.to_string()))?;
-        let fs = Guarded(fs);
+        let fs = Guarded::new(fs);
         Ok(FsDevice {
             tag: tag.to_string(),
             server: Arc::new(Server::new(Arc::new(fs))),
@@ -315,6 +315,7 @@ mod tests {
     const FUSE_READLINK: u32 = 5;
     const FUSE_OPEN: u32 = 14;
     const FUSE_READ: u32 = 15;
+    const FUSE_RELEASE: u32 = 18;
     const FUSE_INIT: u32 = 26;
     const ROOT: u64 = 1;
 
@@ -495,6 +496,48 @@ mod tests {
         assert_eq!(h.open_read(node).unwrap(), b"shared data");
         let (e, _) = h.call(FUSE_GETATTR, node, &[0u8; 16], 256);
         assert_eq!(e, 0);
+    }
+
+    /// READ's body: handle `fh`, offset 0, `size` bytes, file `flags`.
+    fn read_in(fh: u64, size: u32, flags: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&fh.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // offset
+        b.extend_from_slice(&size.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // read_flags
+        b.extend_from_slice(&0u64.to_le_bytes()); // lock_owner
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // padding
+        b
+    }
+
+    /// Found by fuzzing (fuzz/corpus/fs/read-flags-double-close): I/O
+    /// whose flags the host refused with F_SETFL closed the handle's
+    /// descriptor, which a later open reused and the handle's release
+    /// then closed under it (see `fs_policy`).
+    #[test]
+    fn io_flags_the_host_refuses_do_not_close_a_handles_descriptor() {
+        let mut h = Harness::new();
+        // A directory opened with OPEN, then read with O_DIRECT, which no
+        // directory supports.
+        let (e, body) = h.call(FUSE_OPEN, ROOT, &[0u8; 8], 64);
+        assert_eq!(e, 0);
+        let dir_fh = u64::from_le_bytes(body[0..8].try_into().unwrap());
+        let o_direct = u32::try_from(libc::O_DIRECT).unwrap();
+        let (e, _) = h.call(FUSE_READ, ROOT, &read_in(dir_fh, 64, o_direct), 16 + 64);
+        assert_ne!(e, 0, "reading a directory");
+        // A file opened next would take a descriptor closed above.
+        let node = h.lookup(ROOT, b"file").unwrap();
+        let (e, body) = h.call(FUSE_OPEN, node, &[0u8; 8], 64);
+        assert_eq!(e, 0);
+        let file_fh = u64::from_le_bytes(body[0..8].try_into().unwrap());
+        let mut release = Vec::new();
+        release.extend_from_slice(&dir_fh.to_le_bytes());
+        release.extend_from_slice(&[0u8; 16]);
+        assert_eq!(h.call(FUSE_RELEASE, ROOT, &release, 16).0, 0);
+        // The directory's release must not have closed the file.
+        let (e, data) = h.call(FUSE_READ, node, &read_in(file_fh, 64, 0), 16 + 64);
+        assert_eq!((e, &data[..]), (0, &b"shared data"[..]));
     }
 
     #[test]

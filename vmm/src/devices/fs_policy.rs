@@ -12,14 +12,30 @@
 //! through unchanged. Reading such attributes stays allowed: image layers
 //! carry `security.capability` and `trusted.overlay.*` that the guest
 //! needs, and layers are read-only anyway.
+//!
+//! It also keeps READ and WRITE away from a double close in
+//! `fuse-backend-rs` 0.14: when a request's file flags differ from those
+//! its handle was opened with, the passthrough applies them with
+//! `fcntl(F_SETFL)` on a `File` borrowed from the handle, and if that
+//! fails (O_DIRECT on a directory or a file system without direct I/O,
+//! toggling O_APPEND on an append-only file, O_NOATIME without
+//! CAP_FOWNER) the early return drops the `File`, closing the handle's
+//! descriptor while the handle still owns it. Its number is then reused
+//! by the next open anywhere in the VMM, and the handle's later close
+//! closes that one. [`Guarded`] therefore passes each READ and WRITE the
+//! flags its handle was opened with, so the passthrough never calls
+//! F_SETFL. Nothing is lost: the guest kernel computes append offsets
+//! itself, and the other flags only tune the host's side.
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
     SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The file-type bits of a mode.
@@ -59,10 +75,36 @@ fn refuse_xattr(name: &CStr) -> bool {
     name.starts_with(b"security.") || name.starts_with(b"trusted.")
 }
 
-/// A file system with the host's policy in front of it.
-pub struct Guarded<F>(pub F);
+/// A file system with the host's policy in front of it, and the open
+/// flags of each open handle (see the module's documentation).
+pub struct Guarded<F>(pub F, Mutex<HashMap<u64, u32>>);
 
 impl<F: FileSystem> Guarded<F> {
+    /// `fs` behind the policy.
+    pub fn new(fs: F) -> Self {
+        Guarded(fs, Mutex::new(HashMap::new()))
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<u64, u32>> {
+        // The map holds plain values: a panic elsewhere cannot leave it
+        // half-updated.
+        self.1.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers the flags `handle` was opened with.
+    fn opened(&self, handle: Option<F::Handle>, flags: u32) {
+        if let Some(h) = handle {
+            self.handles().insert(h.into(), flags);
+        }
+    }
+
+    /// The flags to hand the passthrough for I/O on `handle`: those it
+    /// was opened with, so it never changes them with F_SETFL. A handle
+    /// it does not know is refused by the passthrough before any F_SETFL.
+    fn io_flags(&self, handle: u64, requested: u32) -> u32 {
+        self.handles().get(&handle).copied().unwrap_or(requested)
+    }
+
     /// Whether a mode change of `inode` to `mode` is refused: setuid on
     /// anything, setgid on anything but a directory.
     fn refuse_chmod(
@@ -121,7 +163,9 @@ where
         inode: Self::Inode,
         flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.0.opendir(ctx, inode, flags)
+        let (handle, opts) = self.0.opendir(ctx, inode, flags)?;
+        self.opened(handle, flags);
+        Ok((handle, opts))
     }
 
     fn releasedir(
@@ -131,7 +175,9 @@ where
         flags: u32,
         handle: Self::Handle,
     ) -> io::Result<()> {
-        self.0.releasedir(ctx, inode, flags, handle)
+        self.0.releasedir(ctx, inode, flags, handle)?;
+        self.handles().remove(&handle.into());
+        Ok(())
     }
 
     fn mkdir(
@@ -185,7 +231,9 @@ where
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.0.open(ctx, inode, flags, fuse_flags)
+        let (handle, opts, passthrough) = self.0.open(ctx, inode, flags, fuse_flags)?;
+        self.opened(handle, flags);
+        Ok((handle, opts, passthrough))
     }
 
     #[allow(
@@ -203,7 +251,9 @@ where
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.0
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handles().remove(&handle.into());
+        Ok(())
     }
 
     fn create(
@@ -217,7 +267,10 @@ where
         if let Some(what) = refuse_mode((args.mode & !S_IFMT) | libc::S_IFREG) {
             return Err(refused(what));
         }
-        self.0.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let (entry, handle, opts, passthrough) = self.0.create(ctx, parent, name, args)?;
+        self.opened(handle, flags);
+        Ok((entry, handle, opts, passthrough))
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
@@ -239,6 +292,7 @@ where
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.io_flags(handle.into(), flags);
         self.0
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -260,6 +314,7 @@ where
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.io_flags(handle.into(), flags);
         self.0.write(
             ctx,
             inode,
@@ -465,7 +520,7 @@ mod tests {
         };
         let fs = PassthroughFs::new(config).unwrap();
         fs.import().unwrap();
-        let fs = Guarded(fs);
+        let fs = Guarded::new(fs);
         fs.init(FsOptions::empty()).unwrap();
         fs
     }
