@@ -108,6 +108,12 @@ fn main() {
             std::process::exit(code);
         }
     };
+    if let Ok(spec) = std::env::var("VMCRI_VMM_SECCOMP_DENY") {
+        if let Err(e) = seccomp::deny_also(&spec) {
+            eprintln!("vmcri-vmm: VMCRI_VMM_SECCOMP_DENY: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    }
     seccomp::set_mode(match args.seccomp {
         SeccompArg::Enforce => seccomp::Mode::Enforce,
         SeccompArg::Log => seccomp::Mode::Log,

@@ -13,6 +13,10 @@
 //!
 //! `--seccomp log` logs what would have been refused (the kernel's audit
 //! log) and `--seccomp off` installs nothing: both are for debugging.
+//! `VMCRI_VMM_SECCOMP_DENY=ROLE:NR[,ROLE:NR...]` takes syscall NR out of
+//! a role's list (`fs:217` refuses getdents64 to the virtio-fs thread):
+//! it only ever makes a filter stricter, and lets a test prove that a
+//! refused syscall ends the pod with the reason.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -49,6 +53,36 @@ pub enum Role {
 }
 
 static MODE: OnceLock<Mode> = OnceLock::new();
+static DENIED: OnceLock<Vec<(Role, i64)>> = OnceLock::new();
+
+/// Takes the syscalls of `spec` (`ROLE:NR,...`, roles `vcpu`, `device`,
+/// `vsock`, `fs`, `main`) out of their roles' lists; the first call wins.
+pub fn deny_also(spec: &str) -> Result<(), String> {
+    let _ = DENIED.set(parse_denied(spec)?);
+    Ok(())
+}
+
+fn parse_denied(spec: &str) -> Result<Vec<(Role, i64)>, String> {
+    let mut denied = Vec::new();
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let (role, nr) = item
+            .split_once(':')
+            .ok_or_else(|| format!("{item:?} is not ROLE:NR"))?;
+        let role = match role {
+            "vcpu" => Role::Vcpu,
+            "device" => Role::Device,
+            "vsock" => Role::Vsock,
+            "fs" => Role::Fs,
+            "main" => Role::Main,
+            other => return Err(format!("unknown thread role {other:?}")),
+        };
+        let nr = nr
+            .parse::<i64>()
+            .map_err(|_| format!("{nr:?} is not a syscall number"))?;
+        denied.push((role, nr));
+    }
+    Ok(denied)
+}
 
 /// Sets the process-wide mode; the first call wins. Threads started
 /// before any call get [`Mode::Enforce`].
@@ -283,12 +317,28 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
     if !allowed.is_empty() {
         map.insert(libc::SYS_ioctl, allowed);
     }
+    for (r, nr) in DENIED.get().map(Vec::as_slice).unwrap_or_default() {
+        if *r == role {
+            map.remove(nr);
+        }
+    }
     Ok(map)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deny_specs_are_parsed_strictly() {
+        assert_eq!(
+            parse_denied("fs:217,vcpu:1").unwrap(),
+            vec![(Role::Fs, 217), (Role::Vcpu, 1)]
+        );
+        for bad in ["fs", "disk:1", "fs:x"] {
+            assert!(parse_denied(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn every_role_compiles() {

@@ -249,6 +249,13 @@ impl Active {
     }
 }
 
+impl Drop for FsDevice {
+    fn drop(&mut self) {
+        // The queue loop first: the thread's own drop waits for its job.
+        self.worker.stop();
+    }
+}
+
 impl VirtioDevice for FsDevice {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_FS

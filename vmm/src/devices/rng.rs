@@ -78,6 +78,13 @@ impl Active {
     }
 }
 
+impl Drop for Rng {
+    fn drop(&mut self) {
+        // The queue loop first: the thread's own drop waits for its job.
+        self.worker.stop();
+    }
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
@@ -196,6 +203,33 @@ mod tests {
         let used = vq.used();
         assert_eq!(used.idx().load(), 1);
         assert_eq!(used.ring().ref_at(0).unwrap().load().len(), 0);
+    }
+
+    #[test]
+    fn an_active_device_is_dropped_without_a_reset() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let queue: Queue = vq.create_queue().unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut rng = Rng::new().unwrap();
+        rng.activate(
+            mem.clone(),
+            VIRTIO_F_VERSION_1,
+            vec![queue],
+            interrupt,
+            vec![notifier],
+        )
+        .unwrap();
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rng);
+            let _ = done.send(());
+        });
+        assert!(
+            dropped.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "dropping an active device hangs"
+        );
     }
 
     #[test]

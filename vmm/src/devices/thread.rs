@@ -96,8 +96,9 @@ impl DeviceThread {
 
 impl Drop for DeviceThread {
     fn drop(&mut self) {
-        // Closing the channel ends the thread once its job has returned;
-        // the device stops its job before dropping the thread.
+        // Closing the channel ends the thread once its job has returned:
+        // a device must stop its job (QueueWorker::stop) before its
+        // thread is dropped, or this join waits forever.
         self.jobs = None;
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
