@@ -82,7 +82,7 @@ fn a_microvm_pods_vmm_runs_jailed_filtered_and_with_few_capabilities() {
     let keeper_status = std::fs::read_to_string(format!("/proc/{keeper}/status")).unwrap();
     assert_eq!(field(&keeper_status, "CapEff"), "0000000000000000");
 
-    for ns in ["mnt", "pid", "ipc", "uts"] {
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         let its = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).unwrap();
         assert_ne!(ours, its, "the VMM shares the host's {ns} namespace");

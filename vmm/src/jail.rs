@@ -1,7 +1,10 @@
 //! The VMM's jail, set up by the VMM itself before it opens anything of
 //! the guest's (`--jail DIR`), after Firecracker's jailer.
 //!
-//! - New mount, PID, IPC and UTS namespaces. A PID namespace only applies
+//! - New mount, PID, IPC, UTS and network namespaces (the VMM needs no
+//!   network: vsock is path-based Unix sockets, which cross network
+//!   namespaces; a subverted VMM reaches no host port, metadata service
+//!   or abstract socket). A PID namespace only applies
 //!   to children, so the process forks: the parent (the "keeper") stays
 //!   outside, waits, and exits with the jailed VMM's status; the child is
 //!   PID 1 of its namespace and dies with the keeper (`PDEATHSIG`), so the
@@ -11,12 +14,15 @@
 //!   vsock socket directory at `vsock/`, the pod's share at `share/`,
 //!   `dev/` with `kvm`, `null`, `urandom` and `net/tun`, and a `proc/`
 //!   trimmed to our own processes (`subset=pid`). Every mount is
-//!   `nosuid,nodev,noexec` except the device binds, and the tmpfs itself
-//!   is read-only once built. The host's mounts propagate into the jail
+//!   `nosuid,nodev,noexec` except the device binds; the devices and
+//!   `proc/` are read-only (no chmod of the host's /dev/kvm, no write to
+//!   /proc/sysrq-trigger), and so is the tmpfs once built. The host's mounts propagate into the jail
 //!   (the root is made a slave, not private): a container created later
 //!   binds its layers into the share, and the guest must see them.
 //! - No new privileges; rlimits on open files and file size (SIGXFSZ is
-//!   ignored, so a guest filling a volume gets EFBIG, not a dead VMM).
+//!   ignored, so a guest filling a volume gets EFBIG, not a dead VMM);
+//!   not dumpable and no core files: a crash must not copy guest memory
+//!   to the host's disk or to a core_pattern pipe.
 //! - Capabilities cut to what virtio-fs needs to act for the guest's
 //!   users (chown, DAC override, fowner, fsetid, setuid, setgid), and none
 //!   without a shared directory. Gone: CAP_SYS_ADMIN (no mounts, no
@@ -203,11 +209,15 @@ pub fn enter(spec: &JailSpec) -> Result<Jailed, JailError> {
     // thread is spawned before the jail), as CLONE_NEWNS requires.
     let rc = unsafe {
         libc::unshare(
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+            libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET,
         )
     };
     if rc != 0 {
-        return last_os_error("unshare mount, PID, IPC and UTS namespaces".into());
+        return last_os_error("unshare mount, PID, IPC, UTS and network namespaces".into());
     }
     // The keeper holds the pipe's write end for its whole life: the child
     // sees EOF once it is gone. getppid() cannot tell, since the keeper
@@ -349,10 +359,12 @@ fn build(spec: &JailSpec) -> Result<Jailed, JailError> {
     for dev in DEVICES {
         let host = Path::new("/dev").join(dev);
         if host.exists() {
+            // Read-only: I/O on a device node still works, a chmod or
+            // chown of the host's node does not.
             bind(
                 &host,
                 &root.join("dev").join(dev),
-                libc::MS_NOSUID | libc::MS_NOEXEC,
+                libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_RDONLY,
                 false,
             )?;
         }
@@ -364,11 +376,14 @@ fn build(spec: &JailSpec) -> Result<Jailed, JailError> {
         .map_err(err("mkdir proc"))?;
     // subset=pid (Linux 5.8) hides everything but our processes: no
     // /proc/sys, no kcore; older kernels get the whole of our own procfs.
+    // Read-only either way: virtio-fs reopens through /proc/self/fd,
+    // where the target's own mount decides, and nothing writes here.
+    let proc_flags = HARDENED | libc::MS_RDONLY;
     if mount(
         Some(Path::new("proc")),
         &proc_dir,
         Some("proc"),
-        HARDENED,
+        proc_flags,
         Some("subset=pid"),
     )
     .is_err()
@@ -377,7 +392,7 @@ fn build(spec: &JailSpec) -> Result<Jailed, JailError> {
             Some(Path::new("proc")),
             &proc_dir,
             Some("proc"),
-            HARDENED,
+            proc_flags,
             None,
         )?;
     }
@@ -396,6 +411,10 @@ fn build(spec: &JailSpec) -> Result<Jailed, JailError> {
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
 
     limits(spec)?;
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) has no pointer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return last_os_error("not dumpable".into());
+    }
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) has no pointer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return last_os_error("no_new_privs".into());
@@ -437,6 +456,7 @@ fn limits(spec: &JailSpec) -> Result<(), JailError> {
         // clone after that; root is exempt from NPROC anyway, so this is
         // for a VMM run as another user.
         (libc::RLIMIT_NPROC, 256, "RLIMIT_NPROC"),
+        (libc::RLIMIT_CORE, 0, "RLIMIT_CORE"),
     ] {
         // Only ever lowered: raising a hard limit needs CAP_SYS_RESOURCE,
         // which a host may not grant (this one does not).
@@ -473,7 +493,10 @@ fn drop_capabilities(keep: &[Capability]) -> Result<(), JailError> {
     };
     let keep: CapsHashSet = keep.iter().copied().collect();
     for cap in caps::all() {
-        if !keep.contains(&cap) {
+        // A capability this kernel does not know (CAP_BPF before 5.8...)
+        // cannot be held: PR_CAPBSET_READ fails for it, and there is
+        // nothing to drop.
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
             // Needs CAP_SETPCAP, which goes with the sets below.
             caps::drop(None, CapSet::Bounding, cap).map_err(cap_err("bounding set"))?;
         }
