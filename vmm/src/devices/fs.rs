@@ -82,6 +82,11 @@ struct Active {
     mem: FsMemory,
     queues: Vec<FsQueue>,
     interrupt: Arc<VirtioInterrupt>,
+    /// The owner of the mapping `mem` views, held for as long as the
+    /// view: the queue loop runs on its own thread, and must never read
+    /// guest memory another owner has already unmapped. Declared last,
+    /// so it is dropped after the view.
+    _guest: GuestMemoryMmap,
 }
 
 /// The virtio-fs device.
@@ -99,7 +104,8 @@ fn bridge_memory(mem: &GuestMemoryMmap) -> Result<FsMemory, ActivateError> {
         let len = usize::try_from(r.len())
             .map_err(|_| ActivateError::Device("guest memory region beyond usize".into()))?;
         // SAFETY: the pointer and length are those of a live mapping that
-        // `mem` (held by the transport for the VM's life) keeps mapped;
+        // `mem` keeps mapped, and `Active` holds a clone of `mem` for as
+        // long as this view lives;
         // build_raw does not take ownership, so nothing is unmapped twice.
         let mapping = unsafe {
             FsMmapRegion::build_raw(
@@ -296,6 +302,7 @@ impl VirtioDevice for FsDevice {
             mem: fs_mem,
             queues,
             interrupt,
+            _guest: mem,
         };
         self.worker
             .start(&self.thread, notifiers, move |index| active.process(index))
