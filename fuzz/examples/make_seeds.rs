@@ -248,32 +248,7 @@ mod fuse {
     pub const READDIR: u32 = 28;
     pub const CREATE: u32 = 35;
 
-    const OPCODES: &[u32] = &[
-        1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27,
-        28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50,
-        51,
-    ];
-    const FIXED: &[usize] = &[0, 4, 8, 16, 24, 40, 48, 64, 88];
-    const NAMES: &[&[u8]] = &[
-        b"..",
-        b".",
-        b"../outside",
-        b"outside",
-        b"marker",
-        b"file",
-        b"dir",
-        b"inner",
-        b"escape",
-        b"abs",
-        b"up",
-        b"new",
-        b"new2",
-        b"dir/inner",
-        b"",
-        b"trusted.overlay.opaque",
-        b"security.capability",
-        b"user.x",
-    ];
+    use vmcri_fuzz::fs::{FIXED, NAMES, OPCODES};
 
     fn idx<T: PartialEq>(table: &[T], v: T) -> u8 {
         u8::try_from(table.iter().position(|x| *x == v).expect("in the table")).expect("small")
@@ -684,39 +659,7 @@ fn spdy_seeds() {
 // ---- unpack ------------------------------------------------------------
 
 fn unpack_seeds() {
-    const NAMES: &[&[u8]] = &[
-        b"a",
-        b"a/b",
-        b"a/b/c",
-        b"dir/",
-        b"link",
-        b"link/x",
-        b"../x",
-        b"/abs",
-        b"./",
-        b".",
-        b"..",
-        b"a/../b",
-        b".wh.a",
-        b".wh..wh..opq",
-        b"a/.wh.b",
-        b"a/.wh..wh..opq",
-        b"outside",
-        b"//a//b",
-    ];
-    const LINKS: &[&[u8]] = &[
-        b"../../outside",
-        b"../../outside/marker",
-        b"..",
-        b"/",
-        b"a",
-        b"a/b",
-        b"link",
-        b"dir",
-        b".",
-        b"",
-    ];
-    const TYPES: &[u8] = b"0512346x7gLK";
+    use vmcri_fuzz::unpack::{LINKS, NAMES, TYPES};
     let idx = |t: &[&[u8]], v: &[u8]| {
         u8::try_from(t.iter().position(|x| *x == v).expect("in table")).expect("small")
     };

@@ -75,16 +75,16 @@ mod opcode {
 }
 
 /// The opcodes a Linux guest sends (1-51 less the reserved 7, 19).
-const OPCODES: &[u32] = &[
+pub const OPCODES: &[u32] = &[
     1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28,
     29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51,
 ];
 
 /// Sizes of the fixed parts of request bodies.
-const FIXED: &[usize] = &[0, 4, 8, 16, 24, 40, 48, 64, 88];
+pub const FIXED: &[usize] = &[0, 4, 8, 16, 24, 40, 48, 64, 88];
 
 /// Names worth trying, the hostile ones first.
-const NAMES: &[&[u8]] = &[
+pub const NAMES: &[&[u8]] = &[
     b"..",
     b".",
     b"../outside",

@@ -31,7 +31,8 @@ use vmcri_image::unpack::{unpack_layer, Compression, Limits};
 
 const MAX_ENTRIES: usize = 32;
 
-const NAMES: &[&[u8]] = &[
+/// Entry names an input picks by index, the hostile ones included.
+pub const NAMES: &[&[u8]] = &[
     b"a",
     b"a/b",
     b"a/b/c",
@@ -52,7 +53,8 @@ const NAMES: &[&[u8]] = &[
     b"//a//b",
 ];
 
-const LINKS: &[&[u8]] = &[
+/// Link targets an input picks by index.
+pub const LINKS: &[&[u8]] = &[
     b"../../outside",
     b"../../outside/marker",
     b"..",
@@ -65,7 +67,8 @@ const LINKS: &[&[u8]] = &[
     b"",
 ];
 
-const TYPES: &[u8] = b"0512346x7gLK";
+/// Tar entry types an input picks by index.
+pub const TYPES: &[u8] = b"0512346x7gLK";
 
 /// Small bounds, so bombs are quick to refuse.
 fn limits() -> Limits {
