@@ -4,6 +4,7 @@
 mod engine;
 mod forward;
 mod init;
+mod network;
 mod service;
 mod transport;
 

@@ -15,6 +15,7 @@ use vmcri_proto::AGENT_API_VERSION;
 
 use crate::engine::{cgroup, process, Engine, EngineError};
 use crate::forward;
+use crate::network::{self, NetConfig, NetError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -73,6 +74,15 @@ fn stats_pb(s: &cgroup::Stats) -> pb::CgroupStats {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn net_status(e: NetError) -> Status {
+    let msg = format!("UpdateInterfaces: {e}");
+    match e {
+        NetError::Invalid(_) => Status::invalid_argument(msg),
+        NetError::NoSuchLink(_) => Status::failed_precondition(msg),
+        NetError::Netlink { .. } | NetError::Io(_) => Status::internal(msg),
+    }
+}
 
 fn not_yet(rpc: &str) -> Status {
     Status::unimplemented(format!(
@@ -188,9 +198,12 @@ impl Agent for AgentService {
 
     async fn update_interfaces(
         &self,
-        _: Request<pb::UpdateInterfacesRequest>,
+        req: Request<pb::UpdateInterfacesRequest>,
     ) -> Result<Response<pb::UpdateInterfacesResponse>, Status> {
-        Err(not_yet("UpdateInterfaces"))
+        let req = req.into_inner();
+        let cfg = NetConfig::from_request(&req.interfaces, &req.routes).map_err(net_status)?;
+        network::apply(&cfg).await.map_err(net_status)?;
+        Ok(Response::new(pb::UpdateInterfacesResponse {}))
     }
 
     async fn create_container(

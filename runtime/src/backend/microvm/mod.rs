@@ -2,6 +2,7 @@
 //! init, reached over hybrid vsock; a container's files reach the guest
 //! through the pod's [`share`].
 
+pub mod net;
 pub mod share;
 
 use super::{
