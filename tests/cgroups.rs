@@ -193,3 +193,57 @@ fn a_microvm_pods_vmm_is_confined_counted_and_cleaned_up_in_its_cgroup() {
         }
     }
 }
+
+/// The pod cgroup is a wall, not a label: a VMM that needs more memory
+/// than the pod's limit plus the overhead is killed by the host kernel,
+/// and RunPodSandbox says so (ResourceExhausted, naming the limit) and
+/// leaves nothing behind. Here the limit, 16 MiB with no overhead, is
+/// less than the guest kernel the VMM must load.
+#[test]
+fn a_vmm_that_outgrows_the_pods_memory_limit_is_killed_and_the_pod_says_why() {
+    let s = Scratch::new("cgroups-oom").unwrap();
+    let daemon = process_daemon_with(&s.0, "overhead_memory_mib = 0", "");
+    let logs = s.0.join("pod-logs");
+    let top = format!("vmcri-e2e-oom-{}", std::process::id());
+    let parent = format!("/{top}/pod-uid-oom");
+    let memory = cgroup_mount("memory");
+    rt().block_on(async {
+        let (mut rt, _) = clients(&daemon).await;
+        let mut config = pod_config("oom", &logs);
+        config.linux = Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: parent.clone(),
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 16 * MIB,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: "vmcri".into(),
+            })
+            .await
+            .expect_err("a VMM limited to 16 MiB cannot load its guest");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(
+            e.message().contains("out of memory") && e.message().contains("16 MiB"),
+            "{e:?}"
+        );
+        let left = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(left.is_empty(), "{left:?}");
+    });
+    // The pod cgroup went with the failed pod; the parents are the test's.
+    let top_dir = memory.join(&top);
+    let pods: Vec<_> = std::fs::read_dir(top_dir.join("pod-uid-oom"))
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(pods.is_empty(), "left behind: {pods:?}");
+    let _ = std::fs::remove_dir(top_dir.join("pod-uid-oom"));
+    let _ = std::fs::remove_dir(&top_dir);
+}

@@ -52,11 +52,16 @@ pub fn setup_with(s: &Scratch, extra: &str) -> Setup {
 /// pods in microVMs), with `extra` appended to its config: for tests that
 /// need no image.
 pub fn process_daemon(dir: &Path, extra: &str) -> Daemon {
+    process_daemon_with(dir, "", extra)
+}
+
+/// [`process_daemon`] with `microvm` added to its `[microvm]` table.
+pub fn process_daemon_with(dir: &Path, microvm: &str, extra: &str) -> Daemon {
     let a = artifacts();
     Daemon::start(
         dir,
         &format!(
-            "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{extra}",
+            "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\nboot_timeout_secs = 30\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n{microvm}\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{extra}",
             a.agent.display(),
             a.kernel.display(),
             a.agent_initrd.display(),

@@ -213,6 +213,14 @@ impl PodCgroups {
         Ok(())
     }
 
+    /// The OOM kills in cgroup `path` (as recorded), and its limit.
+    pub fn oom(&self, path: &str) -> Result<stats::Oom, CgroupError> {
+        let Some(h) = &self.hierarchy else {
+            return Err(CgroupError::NoHierarchy("pod cgroups are disabled".into()));
+        };
+        stats::read_oom(h, CgroupPath::parse(path)?.relative())
+    }
+
     /// The usage of cgroup `path` (as recorded).
     pub fn usage(&self, path: &str) -> Result<stats::Usage, CgroupError> {
         let Some(h) = &self.hierarchy else {

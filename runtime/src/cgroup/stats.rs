@@ -100,6 +100,39 @@ pub fn read_usage(h: &Hierarchy, relative: &str) -> Result<Usage, CgroupError> {
     }
 }
 
+/// What the kernel's OOM killer did in a cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Oom {
+    /// Processes it killed there (the kernel counts them since 4.13).
+    pub kills: u64,
+    /// The cgroup's memory limit, if it has one.
+    pub limit_bytes: Option<u64>,
+}
+
+/// The OOM kills in cgroup `relative` of `h`, and its memory limit.
+pub fn read_oom(h: &Hierarchy, relative: &str) -> Result<Oom, CgroupError> {
+    let (events, limit) = match h {
+        Hierarchy::Unified(root) => {
+            let dir = root.join(relative);
+            (dir.join("memory.events"), dir.join("memory.max"))
+        }
+        Hierarchy::Legacy(m) => {
+            let dir = m.memory.join(relative);
+            (dir.join("memory.oom_control"), dir.join("memory.limit_in_bytes"))
+        }
+    };
+    let text = read(&events)?;
+    let kills = required(&events, &text, "oom_kill")?;
+    let limit = read(&limit)?;
+    // "max" (v2), or v1's "no limit" (the largest page-aligned i64).
+    let limit_bytes = limit
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&l| l < (i64::MAX as u64) & !0xfff);
+    Ok(Oom { kills, limit_bytes })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::hierarchy::LegacyMounts;
@@ -188,5 +221,51 @@ mod tests {
             read_usage(&h, "p/vmcri-x"),
             Err(CgroupError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn oom_kills_and_the_limit_are_read_in_both_hierarchies() {
+        let root = tempfile::tempdir().unwrap();
+        let m = |c: &str| root.path().join(c);
+        let h = Hierarchy::Legacy(LegacyMounts {
+            memory: m("memory"),
+            cpu: m("cpu"),
+            cpuacct: m("cpuacct"),
+            pids: None,
+        });
+        let memory = m("memory").join("p/vmcri-x");
+        std::fs::create_dir_all(&memory).unwrap();
+        std::fs::write(
+            memory.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        std::fs::write(memory.join("memory.limit_in_bytes"), "201326592\n").unwrap();
+        assert_eq!(
+            read_oom(&h, "p/vmcri-x").unwrap(),
+            Oom {
+                kills: 2,
+                limit_bytes: Some(192 << 20)
+            }
+        );
+        std::fs::write(memory.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(read_oom(&h, "p/vmcri-x").unwrap().limit_bytes, None);
+        // A kernel too old to count kills: an error, not a zero.
+        std::fs::write(memory.join("memory.oom_control"), "under_oom 0\n").unwrap();
+        assert!(read_oom(&h, "p/vmcri-x").is_err());
+
+        let dir = m("v2").join("p/vmcri-x");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+            .unwrap();
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        let h = Hierarchy::Unified(m("v2"));
+        assert_eq!(
+            read_oom(&h, "p/vmcri-x").unwrap(),
+            Oom {
+                kills: 1,
+                limit_bytes: None
+            }
+        );
     }
 }

@@ -39,6 +39,7 @@ impl From<SandboxError> for Status {
             SandboxError::Exists { .. } => Status::already_exists(msg),
             SandboxError::NotReady { .. } => Status::failed_precondition(msg),
             SandboxError::Backend(BackendError::Refused(_)) => Status::invalid_argument(msg),
+            SandboxError::OutOfMemory(_) => Status::resource_exhausted(msg),
             SandboxError::Backend(BackendError::Expose(_)) => Status::internal(msg),
             SandboxError::Backend(_) => Status::unavailable(msg),
             SandboxError::Cgroup(e) => Status::new(Status::from(e).code(), msg),

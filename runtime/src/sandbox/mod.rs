@@ -62,6 +62,10 @@ pub enum SandboxError {
     /// Persisting state failed (Internal).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sandbox's process was killed for memory in its pod cgroup
+    /// (ResourceExhausted).
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 /// A lifecycle event, published to GetContainerEvents.
@@ -430,12 +434,21 @@ impl Sandboxes {
                 Ok(id)
             }
             Err(e) => {
+                // Read before the cgroup goes with the record.
+                let e = match (&e, self.oom_note(&rec)) {
+                    (BackendError::DiedAtStart { what, .. }, Some(note)) => {
+                        SandboxError::OutOfMemory(format!(
+                            "the sandbox's {what} was killed while starting: {note}"
+                        ))
+                    }
+                    _ => e.into(),
+                };
                 // Nothing half-made stays behind: the caller retries with the
                 // same metadata, so the record must go (start killed the
                 // process if it had one).
                 self.forget(&rec, &socket_dir).await;
                 tracing::error!(sandbox_id = %id, error = %e, "pod sandbox failed to start");
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -600,7 +613,11 @@ impl Sandboxes {
         let backend = entry.backend.as_ref();
         if r.state == SandboxState::Ready && !r.process.is_some_and(|p| backend.alive(&p)) {
             entry.channel.close();
-            let note = backend.death_note(r);
+            // The OOM killer's SIGKILL leaves no last words of its own.
+            let note = match (backend.death_note(r), self.oom_note(r)) {
+                (Some(d), Some(o)) => Some(format!("{d}; {o}")),
+                (d, o) => d.or(o),
+            };
             tracing::warn!(sandbox_id = %r.id, note = note.as_deref().unwrap_or(""), "sandbox process exited unexpectedly");
             r.state = SandboxState::NotReady;
             r.reason = Some(format!(
@@ -614,6 +631,25 @@ impl Sandboxes {
             }
             self.publish(EventKind::Stopped, r);
         }
+    }
+
+    /// Says so when the kernel's OOM killer has killed in the sandbox's
+    /// pod cgroup, with the limit it enforced.
+    fn oom_note(&self, rec: &SandboxRecord) -> Option<String> {
+        let path = rec.cgroup.as_deref()?;
+        let oom = self.cgroups.oom(path).ok()?;
+        (oom.kills > 0).then(|| {
+            let limit = oom
+                .limit_bytes
+                .map(|l| format!("{} MiB", l >> 20))
+                .unwrap_or_else(|| "none".into());
+            format!(
+                "out of memory: the kernel's OOM killer killed {} process(es) in the pod's \
+                 cgroup {path}, whose limit ({limit}) is the pod's memory limit plus \
+                 [microvm] overhead_memory_mib",
+                oom.kills
+            )
+        })
     }
 
     /// All sandboxes, readiness re-checked.
