@@ -433,6 +433,24 @@ impl Agent {
         Ok(())
     }
 
+    /// Gives the guest's NICs their names, MTUs and addresses, and adds
+    /// the routes (the pod network CNI made on the host).
+    pub async fn update_interfaces(
+        &self,
+        interfaces: Vec<pb::Interface>,
+        routes: Vec<pb::Route>,
+    ) -> Result<(), ClientError> {
+        let mut c = self.client.clone();
+        let req = pb::UpdateInterfacesRequest { interfaces, routes };
+        deadline(
+            "UpdateInterfaces",
+            self.call_timeout,
+            c.update_interfaces(req),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Cgroup statistics of all the sandbox's containers together.
     pub async fn sandbox_stats(&self) -> Result<pb::CgroupStats, ClientError> {
         let mut c = self.client.clone();

@@ -46,6 +46,9 @@ pub enum BackendError {
     /// A pod-level setting this backend cannot give (InvalidArgument).
     #[error("{0}")]
     Refused(String),
+    /// Connecting the sandbox to its pod network failed.
+    #[error("connecting the sandbox to its pod network: {0}")]
+    Network(String),
     /// Making a container's files reachable by its agent failed.
     #[error("exposing the container's files to its sandbox: {0}")]
     Expose(std::io::Error),
@@ -293,13 +296,13 @@ struct Boot {
 
 /// Records the spawned process through `spawned`, then waits for its
 /// agent as `boot` says; gives up early if the process dies, and kills it
-/// on failure.
+/// on failure. Returns the process and the agent's first connection.
 async fn wait_ready(
     rec: &SandboxRecord,
     proc_ref: ProcessRef,
     spawned: Spawned<'_>,
     boot: Boot,
-) -> Result<ProcessRef, BackendError> {
+) -> Result<(ProcessRef, Agent), BackendError> {
     let Boot {
         what,
         log,
@@ -323,7 +326,7 @@ async fn wait_ready(
     };
     tokio::select! {
         r = connect => match r {
-            Ok(_) => Ok(proc_ref),
+            Ok(agent) => Ok((proc_ref, agent)),
             Err(e) => {
                 host_process::kill(&proc_ref);
                 Err(e.into())

@@ -103,7 +103,7 @@ impl SandboxBackend for HostProcess {
             ready_within: Duration::from_secs(self.config.process.boot_timeout_secs),
             call_timeout: self.call_timeout(),
         };
-        wait_ready(rec, p, spawned, boot).await
+        Ok(wait_ready(rec, p, spawned, boot).await?.0)
     }
 
     async fn agent(&self, rec: &SandboxRecord) -> Result<Agent, BackendError> {

@@ -13,11 +13,13 @@ use crate::cgroup::Placement;
 use crate::config::{Backend, Config, Handler};
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use share::SharedDir;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use vmcri_agent_client::{Agent, AgentAddr};
+use vmcri_proto::agent::v1 as pb;
 
 /// Pods in microVMs.
 pub struct MicroVm {
@@ -34,7 +36,12 @@ impl MicroVm {
         Duration::from_secs(self.config.agent.call_timeout_secs)
     }
 
-    fn command(&self, rec: &SandboxRecord, handler: &Handler) -> Result<Command, BackendError> {
+    fn command(
+        &self,
+        rec: &SandboxRecord,
+        handler: &Handler,
+        nic: Option<&net::VmNic>,
+    ) -> Result<Command, BackendError> {
         let c = &self.config.microvm;
         let vmm = find_binary(&c.vmm, "vmcri-vmm")?;
         let kernel = if c.kernel.as_os_str().is_empty() {
@@ -97,8 +104,30 @@ impl MicroVm {
             .arg("--cmdline")
             // The agent sets the guest's hostname from here.
             .arg(format!("quiet vmcri.hostname={}", rec.hostname));
+        if let Some(nic) = nic {
+            // The fd stays open across exec (see `net::inherit`).
+            cmd.arg("--net").arg(net::vmm_arg(nic, nic.tap.as_raw_fd()));
+        }
         Ok(cmd)
     }
+}
+
+/// A pod's CNI interface, as its VM is connected to it.
+struct PodLink {
+    /// The pod's network namespace.
+    netns: PathBuf,
+    /// The CNI interface in it (`eth0`).
+    ifname: String,
+    /// Its addresses with prefix lengths.
+    addresses: Vec<String>,
+    /// The pod's routes.
+    routes: Vec<pb::Route>,
+}
+
+/// The pod network `rec` was given, if any (none for host networking).
+fn pod_link(rec: &SandboxRecord) -> Option<PodLink> {
+    let _ = rec;
+    None
 }
 
 /// The newest file named `file` in `<cache>/<kind>/*/`.
@@ -167,16 +196,35 @@ impl SandboxBackend for MicroVm {
     ) -> Result<ProcessRef, BackendError> {
         socket_dir(rec)?;
         let log = rec.dir.join("vmm.log");
-        let cmd = self.command(rec, handler)?;
+        let link = pod_link(rec);
+        let nic = match &link {
+            Some(l) => {
+                let (netns, ifname) = (l.netns.clone(), l.ifname.clone());
+                let made = tokio::task::spawn_blocking(move || net::connect(&netns, &ifname))
+                    .await
+                    .map_err(|e| BackendError::Network(e.to_string()))?;
+                Some(made.map_err(|e| BackendError::Network(e.to_string()))?)
+            }
+            None => None,
+        };
+        let cmd = self.command(rec, handler, nic.as_ref())?;
         let vmm = cmd.get_program().to_owned();
+        let tap_fd = nic.as_ref().map(|n| n.tap.as_raw_fd());
         // Into the pod cgroup before exec, so every page of guest memory
         // the VMM touches is charged there (its children inherit it).
-        let p = super::host_process::spawn_detached(cmd, &log, move || cgroup.enter()).map_err(
-            |source| BackendError::Spawn {
-                what: Path::new(&vmm).display().to_string(),
-                source,
-            },
-        )?;
+        let p = super::host_process::spawn_detached(cmd, &log, move || {
+            cgroup.enter()?;
+            match tap_fd {
+                Some(fd) => net::inherit(fd),
+                None => Ok(()),
+            }
+        })
+        .map_err(|source| BackendError::Spawn {
+            what: Path::new(&vmm).display().to_string(),
+            source,
+        })?;
+        // The VMM holds the tap now; when it goes, the tap goes.
+        let nic = nic.map(|n| (n.mac, n.mtu));
         let boot = Boot {
             what: "VMM",
             log,
@@ -184,7 +232,23 @@ impl SandboxBackend for MicroVm {
             ready_within: Duration::from_secs(self.config.microvm.boot_timeout_secs),
             call_timeout: self.call_timeout(),
         };
-        wait_ready(rec, p, spawned, boot).await
+        let (p, agent) = wait_ready(rec, p, spawned, boot).await?;
+        if let (Some(l), Some((mac, mtu))) = (link, nic) {
+            let iface = pb::Interface {
+                name: l.ifname.clone(),
+                mac_address: net::format_mac(&mac),
+                addresses: l.addresses,
+                mtu,
+            };
+            if let Err(e) = agent.update_interfaces(vec![iface], l.routes).await {
+                super::host_process::kill(&p);
+                return Err(BackendError::Network(format!(
+                    "configuring the guest's {}: {e}",
+                    l.ifname
+                )));
+            }
+        }
+        Ok(p)
     }
 
     fn death_note(&self, rec: &SandboxRecord) -> Option<String> {

@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
+use vmcri_proto::agent::v1 as pb;
 
 use futures_util::TryStreamExt;
 
@@ -84,6 +85,32 @@ impl VmNic {
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The guest's side of the pod network: the NIC, found by the MAC the VMM
+/// gives it, named and addressed as CNI's interface is.
+pub fn guest_interface(nic: &VmNic, ifname: &str, addresses: Vec<String>) -> pb::Interface {
+    pb::Interface {
+        name: ifname.to_owned(),
+        mac_address: nic.mac_string(),
+        addresses,
+        mtu: nic.mtu,
+    }
+}
+
+/// The VMM's `--net` value for `nic`, whose fd the VMM inherits as `fd`.
+pub fn vmm_arg(nic: &VmNic, fd: i32) -> String {
+    format!("fd={fd},mac={},mtu={}", nic.mac_string(), nic.mtu)
+}
+
+/// Lets `fd` survive exec, in a forked child before it execs (only
+/// async-signal-safe calls).
+pub fn inherit(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd number; F_SETFD with 0 only clears FD_CLOEXEC.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
