@@ -58,6 +58,8 @@ impl From<NetworkError> for Status {
             NetworkError::Invalid(_) => Status::invalid_argument(msg),
             // The config names a plugin that is not installed.
             NetworkError::Cni(CniError::NotFound { .. }) => Status::failed_precondition(msg),
+            // Our own kept state no longer reads.
+            NetworkError::Cni(CniError::Cache(_)) => Status::internal(msg),
             // A plugin failing (or timing out) may succeed on kubelet's retry.
             NetworkError::Cni(_) => Status::unavailable(msg),
             NetworkError::Io { .. } => Status::internal(msg),

@@ -18,6 +18,8 @@ fn cstring(path: &Path) -> io::Result<CString> {
 pub fn is_netns(path: &Path) -> bool {
     let Ok(c) = cstring(path) else { return false };
     // SAFETY: statfs on a valid C string into a zeroed struct we own.
+    // f_type's width differs between architectures.
+    #[allow(clippy::useless_conversion)]
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
         libc::statfs(c.as_ptr(), &mut st) == 0 && i64::from(st.f_type) == NSFS_MAGIC
@@ -79,11 +81,12 @@ fn loopback_up() -> io::Result<()> {
         }
         let mut req: libc::ifreq = std::mem::zeroed();
         for (i, b) in b"lo".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
+            req.ifr_name[i] = libc::c_char::from_ne_bytes([*b]);
         }
         let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
         if r == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            // IFF_UP is 1: it fits.
+            req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
             r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
         }
         let err = io::Error::last_os_error();
