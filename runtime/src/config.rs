@@ -543,6 +543,30 @@ mod tests {
     }
 
     #[test]
+    fn cni_defaults_as_documented_and_overrides() {
+        let c = Config::load(None).unwrap();
+        assert!(c.cni.enabled);
+        assert_eq!(c.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        assert_eq!(
+            c.cni.bin_dirs,
+            [Path::new("/opt/cni/bin"), Path::new("/usr/lib/cni")]
+        );
+        assert_eq!(c.cni.plugin_timeout_secs, 60);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[cni]\nenabled = false\nbin_dirs = [\"/x\"]").unwrap();
+        let c = Config::load(Some(f.path())).unwrap();
+        assert!(!c.cni.enabled);
+        assert_eq!(c.cni.bin_dirs, [Path::new("/x")]);
+        assert_eq!(c.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[cni]\nplugin_timeout_secs = 0").unwrap();
+        assert!(matches!(
+            Config::load(Some(f.path())),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn image_limits_default_as_documented_and_override() {
         let c = Config::load(None).unwrap();
         assert_eq!(

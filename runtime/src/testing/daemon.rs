@@ -84,10 +84,19 @@ impl Daemon {
 
     /// The daemon of `root`, recovered from what its store holds.
     pub(crate) async fn open(root: Arc<Root>, backend: Arc<FakeBackend>) -> Daemon {
+        // Pods without CNI unless a test sets it up.
+        Daemon::open_with(root, backend, |c| c.cni.enabled = false).await
+    }
+
+    /// As [`Daemon::open`], its configuration changed by `tweak` first.
+    pub(crate) async fn open_with(
+        root: Arc<Root>,
+        backend: Arc<FakeBackend>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Daemon {
         let mut config = Config::load(None).expect("the embedded configuration loads");
         config.root = root.path().to_path_buf();
-        // The fake backend runs nothing a namespace could hold.
-        config.cni.enabled = false;
+        tweak(&mut config);
         let config = Arc::new(config);
         let network = Arc::new(Network::new(&config).expect("pod networking"));
         let store = Store::open(root.path()).expect("the store opens");
