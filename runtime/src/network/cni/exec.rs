@@ -98,6 +98,9 @@ pub async fn run(
             });
         }
     };
+    if !err.is_empty() {
+        tracing::debug!(plugin, command, stderr = %quote(&err), "CNI plugin wrote to stderr");
+    }
     if status.success() {
         return Ok(out);
     }
