@@ -271,3 +271,18 @@ async fn a_failed_add_is_undone_and_reports_the_plugin() {
     );
     assert!(!cni::attachment_path(dir.path()).exists());
 }
+
+#[test]
+fn namespaces_of_pods_that_are_gone_are_removed() {
+    let root = Root::new();
+    let conf = tempfile::tempdir().unwrap();
+    let net = network(&root, conf.path(), conf.path());
+    let (kept, gone) = (net.netns_path("kept"), net.netns_path("gone"));
+    netns::create(&kept).unwrap();
+    netns::create(&gone).unwrap();
+    net.remove_orphans(&HashSet::from(["kept".to_string()]));
+    assert!(netns::is_netns(&kept));
+    assert!(!gone.exists());
+    net.remove_netns(&kept).unwrap();
+    assert!(!kept.exists());
+}
