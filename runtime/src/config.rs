@@ -59,6 +59,23 @@ enabled = true
 # The parent when RunPodSandbox gives none (crictl).
 default_parent = "/vmcri"
 
+[cni]
+# Pod networking through CNI plugins. Each pod (but hostNetwork ones) gets
+# a network namespace of its own, bind-mounted at <root>/netns/<sandbox id>,
+# and the plugins of the first network config in conf_dir (files ending in
+# .conflist, .conf or .json, in lexical order, the first that parses, as
+# containerd picks it) set it up. The config is re-read when conf_dir or
+# that file changes. Without a valid config NetworkReady is false, and
+# RunPodSandbox of a pod-network pod fails (FailedPrecondition).
+# enabled = false: no CNI; pods get a private network namespace with only
+# loopback, and NetworkReady is false (reason NetworkDisabled).
+enabled = true
+conf_dir = "/etc/cni/net.d"
+# Where plugin binaries are looked up, in order.
+bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+# Deadline of one plugin call (ADD, DEL or CHECK of one plugin of the list).
+plugin_timeout_secs = 60
+
 [process]
 # vmcri-agent binary; empty = next to the vmcri binary, else $PATH.
 agent = ""
@@ -212,6 +229,20 @@ pub struct CgroupsConfig {
     pub default_parent: String,
 }
 
+/// `[cni]`: pod networking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CniConfig {
+    /// Whether pods are networked through CNI.
+    pub enabled: bool,
+    /// Where network configs are read from.
+    pub conf_dir: PathBuf,
+    /// Where plugin binaries are looked up, in order.
+    pub bin_dirs: Vec<PathBuf>,
+    /// Deadline of one plugin call.
+    pub plugin_timeout_secs: u64,
+}
+
 /// `[process]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +312,8 @@ pub struct Config {
     pub microvm: MicrovmConfig,
     /// Pod cgroups.
     pub cgroups: CgroupsConfig,
+    /// Pod networking.
+    pub cni: CniConfig,
     /// Process backend settings.
     pub process: ProcessConfig,
     /// Agent settings.
@@ -399,6 +432,11 @@ impl Config {
         }
         crate::cgroup::path::CgroupPath::parse(&self.cgroups.default_parent)
             .map_err(|e| ConfigError::Invalid(format!("cgroups: default_parent: {e}")))?;
+        if self.cni.plugin_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "cni: plugin_timeout_secs must be at least 1".into(),
+            ));
+        }
         if self.images.min_free_percent > 100 {
             return Err(ConfigError::Invalid(
                 "images: min_free_percent must be 0-100".into(),
@@ -502,6 +540,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn cni_defaults_as_documented_and_overrides() {
+        let c = Config::load(None).unwrap();
+        assert!(c.cni.enabled);
+        assert_eq!(c.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        assert_eq!(
+            c.cni.bin_dirs,
+            [Path::new("/opt/cni/bin"), Path::new("/usr/lib/cni")]
+        );
+        assert_eq!(c.cni.plugin_timeout_secs, 60);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[cni]\nenabled = false\nbin_dirs = [\"/x\"]").unwrap();
+        let c = Config::load(Some(f.path())).unwrap();
+        assert!(!c.cni.enabled);
+        assert_eq!(c.cni.bin_dirs, [Path::new("/x")]);
+        assert_eq!(c.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[cni]\nplugin_timeout_secs = 0").unwrap();
+        assert!(matches!(
+            Config::load(Some(f.path())),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     #[test]

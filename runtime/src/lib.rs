@@ -15,6 +15,7 @@ pub mod hostfs;
 pub mod id;
 pub mod images;
 pub mod lock;
+pub mod network;
 pub mod sandbox;
 pub mod socket;
 pub mod store;

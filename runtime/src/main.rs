@@ -14,6 +14,7 @@ use vmcri_runtime::config::{Backend, Config, DEFAULT_CONFIG};
 use vmcri_runtime::container::Containers;
 use vmcri_runtime::cri::Cri;
 use vmcri_runtime::images::Images;
+use vmcri_runtime::network::Network;
 use vmcri_runtime::sandbox::Sandboxes;
 use vmcri_runtime::store::Store;
 use vmcri_runtime::streams::StreamHandler;
@@ -149,13 +150,19 @@ async fn serve(config: Arc<Config>) -> Result<()> {
             tracing::warn!("[cgroups] enabled = false: VMMs run unlimited in the daemon's cgroup")
         }
     }
+    let network = Network::new(&config).context("pod networking ([cni])")?;
+    if let Err((reason, message)) = network.ready() {
+        tracing::warn!(reason, message, "pod network not ready");
+    }
     let sandboxes = Arc::new(Sandboxes::recover(
         config.clone(),
         store.clone(),
         Backends::new(config.clone()),
         Arc::new(cgroups),
+        Arc::new(network),
         snapshot.sandboxes,
     )?);
+    sandboxes.recover_network().await;
     if let Some(dir) = config.listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

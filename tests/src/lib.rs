@@ -8,6 +8,7 @@
 //! lock of the `cargo test` that runs it.
 
 pub mod kubelet;
+pub mod network;
 pub mod pods;
 pub mod registry;
 pub mod streams;
@@ -199,21 +200,38 @@ pub struct Daemon {
     child: std::process::Child,
     /// Its CRI socket.
     pub socket: PathBuf,
-    root: PathBuf,
+    /// Its state root.
+    pub root: PathBuf,
     config: PathBuf,
+    /// The network namespace it runs in (the test's own if `None`).
+    netns: Option<PathBuf>,
 }
 
 impl Daemon {
     /// Starts the daemon in `dir` with `config` (TOML) laid over its
-    /// defaults, and waits for its socket.
+    /// defaults, and waits for its socket. A config without a `[cni]`
+    /// table gets `enabled = false`: pods with only loopback, for tests
+    /// that do not test networking (and must not touch the host's).
     pub fn start(dir: &Path, config: &str) -> Daemon {
+        Daemon::start_in(dir, config, None)
+    }
+
+    /// As [`Daemon::start`], the daemon in network namespace `netns` (a
+    /// namespace file, entered with nsenter, which keeps the mounts).
+    pub fn start_in(dir: &Path, config: &str, netns: Option<&Path>) -> Daemon {
         let path = dir.join("vmcri.toml");
+        let config = if config.contains("[cni]") {
+            config.to_string()
+        } else {
+            format!("{config}\n[cni]\nenabled = false\n")
+        };
         std::fs::write(&path, config).expect("write daemon config");
         let mut d = Daemon {
             child: Command::new("true").spawn().expect("spawn placeholder"),
             socket: dir.join("cri.sock"),
             root: dir.join("root"),
             config: path,
+            netns: netns.map(Path::to_path_buf),
         };
         d.restart();
         d
@@ -224,7 +242,18 @@ impl Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
-        self.child = Command::new(&artifacts().vmcri)
+        let mut cmd = match &self.netns {
+            // nsenter execs the daemon: its PID is the daemon's.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&artifacts().vmcri);
+                c
+            }
+            None => Command::new(&artifacts().vmcri),
+        };
+        self.child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.config)

@@ -87,15 +87,41 @@ impl SandboxBackend for HostProcess {
             .arg("--state")
             .arg(rec.dir.join("agent"));
         let hostname = rec.hostname.clone().into_bytes();
-        // hostNetwork pods (DaemonSets) keep the node's network.
-        let host_network = rec.namespaces.host_network();
+        // The pod's namespace CNI set up, opened here and entered in the
+        // child; hostNetwork pods (DaemonSets) keep the node's network,
+        // and with CNI disabled the agent makes a private one.
+        let net = match (rec.namespaces.host_network(), &rec.netns) {
+            (true, _) => Net::Host,
+            (false, Some(path)) => Net::Join(
+                std::fs::File::open(path)
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(|source| BackendError::Spawn {
+                        what: format!("opening the pod network namespace {}", path.display()),
+                        source,
+                    })?,
+            ),
+            (false, None) => Net::Private,
+        };
+        let netns_fd = match &net {
+            Net::Join(fd) => Some(std::os::fd::AsRawFd::as_raw_fd(fd)),
+            _ => None,
+        };
+        let private = matches!(net, Net::Private);
+        // The agent's copy of the mount table must not hold other pods'
+        // namespaces alive: it detaches their directory.
+        let netns_dir = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
+            self.config.root.join("netns").as_os_str(),
+        ))
+        .ok();
         let p = super::host_process::spawn_detached(cmd, &log, move || {
-            enter_namespaces(&hostname, host_network)
+            enter_namespaces(&hostname, netns_fd, private, netns_dir.as_deref())
         })
         .map_err(|source| BackendError::Spawn {
             what: agent.display().to_string(),
             source,
         })?;
+        // The child has entered it (or failed to start): ours can close.
+        drop(net);
         let boot = Boot {
             what: "agent",
             log,
@@ -206,18 +232,40 @@ pub fn remove_host_cgroups(sandbox_id: &str) {
     }
 }
 
-/// Runs in the agent's child before exec: new mount, IPC, UTS, network
-/// (unless the pod uses the node's) and PID namespaces (the agent's children land in the new PID
-/// namespace), mounts made private, the pod's hostname set. Only
-/// async-signal-safe syscalls.
-fn enter_namespaces(hostname: &[u8], host_network: bool) -> std::io::Result<()> {
+/// The network an agent runs in.
+enum Net {
+    /// The node's (hostNetwork).
+    Host,
+    /// The pod's namespace, open.
+    Join(std::os::fd::OwnedFd),
+    /// A fresh one of its own, only loopback (`[cni] enabled = false`).
+    Private,
+}
+
+/// Runs in the agent's child before exec: the pod's network namespace
+/// joined (`netns_fd`) or a private one made (`private_net`), new mount,
+/// IPC, UTS and PID namespaces (the agent's children land in the new PID
+/// namespace), mounts made private, `netns_dir` detached, the pod's
+/// hostname set. Only async-signal-safe syscalls.
+fn enter_namespaces(
+    hostname: &[u8],
+    netns_fd: Option<std::os::fd::RawFd>,
+    private_net: bool,
+    netns_dir: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
-    if !host_network {
+    if private_net {
         flags |= libc::CLONE_NEWNET;
     }
-    // SAFETY: unshare/mount/sethostname with valid arguments.
+    // SAFETY: setns/unshare/mount/umount2/sethostname with valid
+    // arguments (the fd is open in the parent until the spawn returns).
     unsafe {
+        if let Some(fd) = netns_fd {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         if libc::unshare(flags) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -231,6 +279,10 @@ fn enter_namespaces(hostname: &[u8], host_network: bool) -> std::io::Result<()> 
         ) != 0
         {
             return Err(std::io::Error::last_os_error());
+        }
+        if let Some(dir) = netns_dir {
+            // Not a mount (CNI disabled before) is fine.
+            libc::umount2(dir.as_ptr(), libc::MNT_DETACH);
         }
         if !hostname.is_empty() && libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0
         {

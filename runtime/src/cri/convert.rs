@@ -5,6 +5,7 @@ use crate::cgroup::limits::{PodResources, Resources};
 use crate::cgroup::path::CgroupPath;
 use crate::cgroup::stats::Usage;
 use crate::container::ContainerEvent;
+use crate::network::{NetworkRequest, PortMapping};
 use crate::sandbox::{EventKind, RunRequest, SandboxEvent};
 use crate::store::{
     ContainerRecord, ContainerState, ImageRecord, NamespaceModes, PodMeta, SandboxRecord,
@@ -169,9 +170,16 @@ pub(super) fn sandbox_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(metadata(rec)),
         state: state_of(rec),
         created_at: rec.created_at_ns,
-        // Pod networking has not landed: no IP, so no field (kubelet reads
-        // an empty one as a lost IP and recreates the sandbox).
-        network: None,
+        // No IP, no field: kubelet reads an empty one as a lost IP and
+        // recreates the sandbox.
+        network: rec.network.as_ref().and_then(|n| {
+            let mut ips = n.pod_ips().into_iter().map(|ip| ip.to_string());
+            let ip = ips.next()?;
+            Some(cri::PodSandboxNetworkStatus {
+                ip,
+                additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
+            })
+        }),
         // What RunPodSandbox asked for: kubelet compares it.
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
@@ -252,6 +260,7 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
             config.hostname
         )));
     }
+    let dns_for_cni = config.dns_config.clone();
     let linux = config.linux.unwrap_or_default();
     // Input like any other: it becomes a path under the host's cgroupfs.
     let cgroup_parent = CgroupPath::parent(&linux.cgroup_parent)?;
@@ -271,7 +280,7 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
         handler: req.runtime_handler,
         hostname: config.hostname,
         log_directory: config.log_directory,
-        dns: config.dns_config,
+        dns: config.dns_config.clone(),
         namespaces: linux
             .security_context
             .and_then(|s| s.namespace_options)
@@ -283,7 +292,27 @@ pub(super) fn run_request(req: cri::RunPodSandboxRequest) -> Result<RunRequest, 
             .unwrap_or_default(),
         cgroup_parent,
         resources,
+        network: network_request(&config.port_mappings, dns_for_cni),
     })
+}
+
+/// The pod's port mappings and DNS, as CNI's capabilities pass them.
+fn network_request(mappings: &[cri::PortMapping], dns: Option<cri::DnsConfig>) -> NetworkRequest {
+    NetworkRequest {
+        port_mappings: mappings
+            .iter()
+            .map(|m| PortMapping {
+                host_port: m.host_port,
+                container_port: m.container_port,
+                protocol: cri::Protocol::try_from(m.protocol)
+                    .unwrap_or(cri::Protocol::Tcp)
+                    .as_str_name()
+                    .to_ascii_lowercase(),
+                host_ip: m.host_ip.clone(),
+            })
+            .collect(),
+        dns,
+    }
 }
 
 pub(super) fn matches_filter(rec: &SandboxRecord, f: &cri::PodSandboxFilter) -> bool {

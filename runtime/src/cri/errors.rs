@@ -4,6 +4,8 @@ use crate::backend::BackendError;
 use crate::cgroup::CgroupError;
 use crate::container::ContainerError;
 use crate::images::ImageError;
+use crate::network::cni::CniError;
+use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 use tonic::Status;
 use vmcri_image::pull::PullError;
@@ -44,6 +46,24 @@ impl From<SandboxError> for Status {
             SandboxError::Backend(_) => Status::unavailable(msg),
             SandboxError::Cgroup(e) => Status::new(Status::from(e).code(), msg),
             SandboxError::Store(_) => Status::internal(msg),
+            SandboxError::Network(e) => Status::new(Status::from(e).code(), msg),
+        }
+    }
+}
+
+impl From<NetworkError> for Status {
+    fn from(e: NetworkError) -> Status {
+        let msg = e.to_string();
+        match e {
+            NetworkError::NotReady(_) => Status::failed_precondition(msg),
+            NetworkError::Invalid(_) => Status::invalid_argument(msg),
+            // The config names a plugin that is not installed.
+            NetworkError::Cni(CniError::NotFound { .. }) => Status::failed_precondition(msg),
+            // Our own kept state no longer reads.
+            NetworkError::Cni(CniError::Cache(_)) => Status::internal(msg),
+            // A plugin failing (or timing out) may succeed on kubelet's retry.
+            NetworkError::Cni(_) => Status::unavailable(msg),
+            NetworkError::Io { .. } => Status::internal(msg),
         }
     }
 }

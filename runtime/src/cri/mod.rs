@@ -18,7 +18,7 @@ use crate::images::Images;
 use crate::sandbox::Sandboxes;
 use k8s_cri::v1 as cri;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -33,7 +33,6 @@ pub struct Cri {
     sandboxes: Arc<Sandboxes>,
     containers: Arc<Containers>,
     images: Arc<Images>,
-    pod_cidr: Mutex<String>,
     streaming: Arc<vmcri_streaming::Server>,
 }
 
@@ -51,7 +50,6 @@ impl Cri {
             sandboxes,
             containers,
             images,
-            pod_cidr: Mutex::new(String::new()),
             streaming,
         }
     }

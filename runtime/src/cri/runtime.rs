@@ -120,6 +120,8 @@ impl RuntimeService for Cri {
                 "dir": rec.dir,
                 "reason": rec.reason,
                 "hostname": rec.hostname,
+                "netns": rec.netns,
+                "network": rec.network,
             });
             info.insert("info".to_string(), verbose.to_string());
         }
@@ -517,7 +519,7 @@ impl RuntimeService for Cri {
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
         tracing::info!(pod_cidr = %cidr, "runtime config updated");
-        *crate::lock::lock(&self.pod_cidr) = cidr;
+        self.sandboxes.network().set_pod_cidr(cidr);
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
@@ -532,11 +534,19 @@ impl RuntimeService for Cri {
                 reason: String::new(),
                 message: String::new(),
             },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: false,
-                reason: "NoPodNetwork".into(),
-                message: "vmcri does not set up pod networking yet".into(),
+            match self.sandboxes.network().ready() {
+                Ok(()) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: true,
+                    reason: String::new(),
+                    message: String::new(),
+                },
+                Err((reason, message)) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: false,
+                    reason: reason.into(),
+                    message,
+                },
             },
         ];
         let mut info = HashMap::new();
@@ -547,7 +557,7 @@ impl RuntimeService for Cri {
                 .iter()
                 .map(|(k, h)| (k, h.backend.to_string()))
                 .collect();
-            let cidr = crate::lock::lock(&self.pod_cidr).clone();
+            let cidr = self.sandboxes.network().pod_cidr();
             let isolation = if self
                 .config
                 .handlers

@@ -853,3 +853,142 @@ fn a_restarted_daemon_recovers_pods_and_containers_from_its_records() {
         remove_pod(&d, &live).await.unwrap();
     });
 }
+
+/// A daemon with CNI on, its conf dir holding a one-plugin list whose
+/// fake plugin logs each call to `<bin>/log` and gives `10.244.5.5/24`.
+async fn cni_daemon(bin: &std::path::Path, conf: &std::path::Path) -> Daemon {
+    use std::os::unix::fs::PermissionsExt;
+    let plugin = bin.join("fakenet");
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\necho \"$CNI_COMMAND $CNI_CONTAINERID\" >> {}\n\
+             [ \"$CNI_COMMAND\" = ADD ] && echo '{{\"cniVersion\":\"1.0.0\",\"interfaces\":[{{\"name\":\"eth0\",\"mac\":\"0a:00:00:00:00:05\",\"sandbox\":\"'$CNI_NETNS'\"}}],\"ips\":[{{\"address\":\"fd00::5/64\",\"interface\":0}},{{\"address\":\"10.244.5.5/24\",\"gateway\":\"10.244.5.1\",\"interface\":0}}],\"routes\":[{{\"dst\":\"0.0.0.0/0\"}}]}}'\ntrue\n",
+            bin.join("log").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        conf.join("10-fake.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"fake","plugins":[{"type":"fakenet"}]}"#,
+    )
+    .unwrap();
+    let (bin, conf) = (bin.to_path_buf(), conf.to_path_buf());
+    Daemon::open_with(
+        Arc::new(Root::new()),
+        Arc::new(crate::testing::backend::FakeBackend::new()),
+        move |c| {
+            c.cni.enabled = true;
+            c.cni.conf_dir = conf;
+            c.cni.bin_dirs = vec![bin];
+        },
+    )
+    .await
+}
+
+fn cni_calls(bin: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(bin.join("log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_backend_starts_with_the_pod_network_and_stop_releases_it_once() {
+    let bin = tempfile::tempdir().unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let d = cni_daemon(bin.path(), conf.path()).await;
+    let status = d
+        .cri
+        .status(Request::new(cri::StatusRequest { verbose: false }))
+        .await
+        .unwrap()
+        .into_inner();
+    let net = &status.status.unwrap().conditions[1];
+    assert_eq!((net.r#type.as_str(), net.status), ("NetworkReady", true));
+
+    let id = run(&d, "web").await;
+    let rec = d.sandboxes.get(&id).unwrap();
+    let netns = rec.netns.clone().unwrap();
+    assert!(crate::network::netns::is_netns(&netns));
+    // The contract with backends: start reads the netns and the result.
+    let seen = d.backend.started_networks();
+    let network = seen[0].clone().expect("start saw the pod network");
+    assert_eq!(network.netns, netns);
+    assert_eq!(network.interfaces[0].mac, "0a:00:00:00:00:05");
+    assert_eq!(network.ips[1].gateway, Some("10.244.5.1".parse().unwrap()));
+    assert_eq!(network.routes[0].dst.to_string(), "0.0.0.0/0");
+    assert_eq!(Some(network), rec.network);
+    let st = status_of(&d, &id).await;
+    let ip = st.network.unwrap();
+    assert_eq!(ip.ip, "10.244.5.5");
+    assert_eq!(ip.additional_ips[0].ip, "fd00::5");
+
+    for _ in 0..2 {
+        d.cri
+            .stop_pod_sandbox(Request::new(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            }))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        cni_calls(bin.path()),
+        [format!("ADD {id}"), format!("DEL {id}")]
+    );
+    assert_eq!(status_of(&d, &id).await.network, None);
+    assert!(netns.exists());
+    d.cri
+        .remove_pod_sandbox(Request::new(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        }))
+        .await
+        .unwrap();
+    assert!(!netns.exists());
+}
+
+#[tokio::test]
+async fn a_backend_failing_after_add_leaves_no_network() {
+    let bin = tempfile::tempdir().unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let d = cni_daemon(bin.path(), conf.path()).await;
+    d.backend.fail_next_start("no kernel");
+    assert_eq!(code(run_config(&d, pod("web")).await), Code::Unavailable);
+    let calls = cni_calls(bin.path());
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(
+        calls[0].starts_with("ADD ") && calls[1].starts_with("DEL "),
+        "{calls:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.sandboxes.network().netns_dir())
+        .unwrap()
+        .collect();
+    assert!(left.is_empty());
+
+    // Without a config: FailedPrecondition, and nothing runs.
+    std::fs::remove_file(conf.path().join("10-fake.conflist")).unwrap();
+    let e = run_config(&d, pod("web")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("cni plugin not initialized"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(cni_calls(bin.path()).len(), 2);
+    assert_eq!(d.backend.started_networks().len(), 1);
+}
+
+async fn status_of(d: &Daemon, id: &str) -> cri::PodSandboxStatus {
+    d.cri
+        .pod_sandbox_status(Request::new(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+}

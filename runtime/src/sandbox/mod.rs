@@ -13,6 +13,7 @@ use crate::cgroup::{CgroupError, Placement, PodCgroups};
 use crate::config::Config;
 use crate::id::{new_id, now_ns};
 use crate::lock::lock;
+use crate::network::{Network, NetworkError, NetworkRequest};
 use crate::store::{
     NamespaceModes, PodMeta, ProcessRef, SandboxRecord, SandboxState, Store, StoreError,
 };
@@ -66,6 +67,9 @@ pub enum SandboxError {
     /// (ResourceExhausted).
     #[error("{0}")]
     OutOfMemory(String),
+    /// Setting up or tearing down the pod's network failed.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// A lifecycle event, published to GetContainerEvents.
@@ -115,6 +119,8 @@ pub struct RunRequest {
     pub cgroup_parent: Option<CgroupPath>,
     /// The pod's summed resources and kubelet's overhead.
     pub resources: PodResources,
+    /// What CNI is given: port mappings and DNS.
+    pub network: NetworkRequest,
 }
 
 /// A sandbox as its users see it: its record at one moment, the backend
@@ -212,8 +218,12 @@ pub struct Sandboxes {
     store: Store,
     backends: Backends,
     cgroups: Arc<PodCgroups>,
+    network: Arc<Network>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     events: broadcast::Sender<SandboxEvent>,
+    /// Sandboxes a crash left half-made, whose network
+    /// [`Sandboxes::recover_network`] undoes.
+    unfinished: Mutex<Vec<String>>,
 }
 
 impl Sandboxes {
@@ -225,13 +235,20 @@ impl Sandboxes {
         store: Store,
         backends: Backends,
         cgroups: Arc<PodCgroups>,
+        network: Arc<Network>,
         records: Vec<SandboxRecord>,
     ) -> Result<Sandboxes, SandboxError> {
         let mut entries = HashMap::new();
+        let mut unfinished = Vec::new();
         // Read once, not once per sandbox.
         let running = crate::backend::host_process::OurProcesses::scan();
         for mut rec in records {
             let backend = backends.get(rec.backend);
+            if rec.state == SandboxState::NotReady
+                && (rec.process.is_some() || rec.reason.as_deref() == Some("starting"))
+            {
+                unfinished.push(rec.id.clone());
+            }
             if rec.state == SandboxState::NotReady {
                 // The daemon died while this sandbox booted: nobody will
                 // wait for it, so its process must not outlive the boot.
@@ -243,7 +260,7 @@ impl Sandboxes {
                     tracing::warn!(sandbox_id = %rec.id, pid = p.pid, "sandbox was still starting when vmcri stopped; ending its process");
                     backend.kill(p);
                 }
-                if rec.process.take().is_some() {
+                if rec.process.take().is_some() || rec.reason.as_deref() == Some("starting") {
                     rec.reason = Some("vmcri stopped while the sandbox was starting".into());
                     store.save_sandbox(&rec)?;
                 }
@@ -265,11 +282,59 @@ impl Sandboxes {
         Ok(Sandboxes {
             backends,
             cgroups,
+            network,
             config,
             store,
             entries: Mutex::new(entries),
             events,
+            unfinished: Mutex::new(unfinished),
         })
+    }
+
+    /// The network side of recovery, once the daemon runs: CNI DEL and
+    /// namespace removal for sandboxes a crash left half-made (their ADD
+    /// may have run), and removal of namespaces whose sandbox is gone.
+    pub async fn recover_network(&self) {
+        let unfinished = std::mem::take(&mut *lock(&self.unfinished));
+        for id in unfinished {
+            let Ok(entry) = self.entry(&id) else { continue };
+            let _op = entry.op.lock().await;
+            let rec = lock(&entry.record).clone();
+            if let Err(e) = self.release_network(&rec).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "undoing the network of a sandbox that was starting");
+                continue;
+            }
+            if let Some(path) = &rec.netns {
+                if let Err(e) = self.network.remove_netns(path) {
+                    tracing::warn!(sandbox_id = %id, error = %e, "removing the network namespace of a sandbox that was starting");
+                }
+            }
+            tracing::info!(sandbox_id = %id, "network of a sandbox that was starting undone");
+        }
+        let known = lock(&self.entries).keys().cloned().collect();
+        self.network.remove_orphans(&known);
+    }
+
+    /// Pod networking.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// CNI DEL for `rec` (nothing if it has no network, or DEL already
+    /// ran), then its record forgets the network.
+    async fn release_network(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        self.network.teardown(rec).await?;
+        if rec.network.is_some() {
+            if let Ok(entry) = self.entry(&rec.id) {
+                let done = {
+                    let mut r = lock(&entry.record);
+                    r.network = None;
+                    r.clone()
+                };
+                self.store.save_sandbox(&done)?;
+            }
+        }
+        Ok(())
     }
 
     /// The daemon's configuration.
@@ -336,12 +401,21 @@ impl Sandboxes {
             })?;
         let backend = self.backends.get(handler.backend);
         backend.check_namespaces(&req.namespaces)?;
+        // Checked before anything is made: without a network config a
+        // pod-network pod cannot start (containerd's "cni plugin not
+        // initialized"); hostNetwork pods need none.
+        let pod_network = !req.namespaces.host_network() && self.network.enabled();
+        let list = if pod_network {
+            Some(self.network.current().map_err(NetworkError::NotReady)?)
+        } else {
+            None
+        };
         let id = new_id();
         let dir = self.store.sandbox_dir(&id);
         let socket_dir = self.config.root.join("run").join(&id[..16]);
         let cgroup = (backend.runs_in_pod_cgroup() && self.cgroups.enabled())
             .then(|| self.cgroups.path_for(req.cgroup_parent.as_ref(), &id));
-        let rec = SandboxRecord {
+        let mut rec = SandboxRecord {
             id: id.clone(),
             meta: req.meta.clone(),
             labels: req.labels,
@@ -358,6 +432,8 @@ impl Sandboxes {
             hostname: req.hostname,
             namespaces: req.namespaces,
             cgroup: cgroup.as_ref().map(|c| c.to_string()),
+            netns: pod_network.then(|| self.network.netns_path(&id)),
+            network: None,
         };
         let entry = Entry::new(rec.clone(), backend.clone());
         let _op = entry.op.lock().await;
@@ -408,6 +484,28 @@ impl Sandboxes {
             }
             None => Placement::none(),
         };
+        // The namespace (recorded above, so a crash leaves it findable)
+        // and CNI ADD, before the backend starts: it reads rec.network.
+        if let (Some(path), Some(list)) = (rec.netns.clone(), list) {
+            let set = async {
+                self.network.create_netns(&path).await?;
+                self.network.add(&rec, &path, list, &req.network).await
+            };
+            let saved = match set.await {
+                Ok(net) => {
+                    tracing::info!(sandbox_id = %id, ips = ?net.pod_ips(), "pod network set up");
+                    rec.network = Some(net);
+                    lock(&entry.record).network = rec.network.clone();
+                    self.store.save_sandbox(&rec).map_err(SandboxError::from)
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = saved {
+                tracing::error!(sandbox_id = %id, error = %e, "pod network setup failed");
+                self.forget(&rec, &socket_dir).await;
+                return Err(e);
+            }
+        }
         self.publish(EventKind::Created, &rec);
         tracing::info!(sandbox_id = %id, backend = %rec.backend, name = %req.meta.name, "starting pod sandbox");
         let spawned = Box::new(|p: ProcessRef| {
@@ -456,6 +554,16 @@ impl Sandboxes {
     /// Drops a sandbox that never started, with everything made for it.
     async fn forget(&self, rec: &SandboxRecord, socket_dir: &std::path::Path) {
         lock(&self.entries).remove(&rec.id);
+        // DEL before the namespace goes: plugins delete their interfaces
+        // in it and release the addresses.
+        if let Err(e) = self.network.teardown(rec).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %e, "CNI DEL of a sandbox that did not start");
+        }
+        if let Some(path) = &rec.netns {
+            if let Err(e) = self.network.remove_netns(path) {
+                tracing::warn!(sandbox_id = %rec.id, error = %e, "removing the network namespace of a sandbox that did not start");
+            }
+        }
         if let Err(e) = self.remove_cgroup(rec).await {
             tracing::warn!(sandbox_id = %rec.id, error = %e, "removing the cgroup of a sandbox that did not start");
         }
@@ -528,7 +636,9 @@ impl Sandboxes {
         let _op = entry.op.lock().await;
         let rec = lock(&entry.record).clone();
         if rec.state == SandboxState::NotReady && rec.process.is_none() {
-            return Ok(());
+            // Stopped already, or its process died: DEL if it has not
+            // run (or failed before); nothing otherwise.
+            return self.release_network(&rec).await;
         }
         {
             // Stopping: a status read meanwhile must not take the
@@ -553,7 +663,9 @@ impl Sandboxes {
         };
         self.store.save_sandbox(&done)?;
         self.publish(EventKind::Stopped, &done);
-        Ok(())
+        // After the sandbox's processes are gone. A failure is reported,
+        // and the next stop (kubelet retries) runs DEL again.
+        self.release_network(&done).await
     }
 
     /// RemovePodSandbox: stops if needed; removing an unknown or already
@@ -581,6 +693,9 @@ impl Sandboxes {
                 path: rec.dir.display().to_string(),
                 source,
             })?;
+        if let Some(path) = &rec.netns {
+            self.network.remove_netns(path)?;
+        }
         self.store.remove_sandbox(&id)?;
         if let Some(dir) = rec.agent_socket.parent() {
             let _ = crate::hostfs::remove::remove_tree(dir);

@@ -263,6 +263,8 @@ pub(crate) mod tests {
             hostname: "h".into(),
             namespaces: NamespaceModes::default(),
             cgroup: None,
+            netns: None,
+            network: None,
         }
     }
 

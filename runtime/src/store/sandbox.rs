@@ -114,4 +114,13 @@ pub struct SandboxRecord {
     /// records from before cgroups).
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The pod's network namespace (`<root>/netns/<id>`), recorded before
+    /// it is made so that removal and recovery find it; `None` for
+    /// hostNetwork pods and with `[cni] enabled = false`.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The pod's network as CNI set it up: filled before the backend
+    /// starts, which reads it; cleared once CNI DEL has released it.
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }

@@ -34,6 +34,8 @@ pub(crate) struct FakeBackend {
     fail_start: Mutex<Option<String>>,
     /// Connections made to agents through [`SandboxBackend::agent`].
     dials: AtomicUsize,
+    /// The `network` of each record a start was given, in order.
+    started_networks: Mutex<Vec<Option<crate::network::PodNetwork>>>,
 }
 
 impl FakeBackend {
@@ -52,7 +54,13 @@ impl FakeBackend {
             exposed: Mutex::new(BTreeSet::new()),
             fail_start: Mutex::new(None),
             dials: AtomicUsize::new(0),
+            started_networks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The `network` of each record a start was given, in order.
+    pub(crate) fn started_networks(&self) -> Vec<Option<crate::network::PodNetwork>> {
+        lock(&self.started_networks).clone()
     }
 
     /// Runs `f` on sandbox `id`'s agent.
@@ -141,6 +149,7 @@ impl SandboxBackend for FakeBackend {
         _cgroup: Placement,
         spawned: Spawned<'_>,
     ) -> Result<ProcessRef, BackendError> {
+        lock(&self.started_networks).push(rec.network.clone());
         if let Some(why) = lock(&self.fail_start).take() {
             return Err(BackendError::Missing(why));
         }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::container::Containers;
 use crate::cri::Cri;
 use crate::images::Images;
+use crate::network::Network;
 use crate::sandbox::Sandboxes;
 use crate::store::Store;
 use crate::streams::StreamHandler;
@@ -35,7 +36,9 @@ impl Root {
 impl Drop for Root {
     fn drop(&mut self) {
         if let Ok(d) = std::fs::File::open(self.0.path()) {
-            let _ = crate::hostfs::mounts::unmount_at(&d, std::ffi::OsStr::new("sandboxes"));
+            for name in ["sandboxes", "netns"] {
+                let _ = crate::hostfs::mounts::unmount_at(&d, std::ffi::OsStr::new(name));
+            }
         }
     }
 }
@@ -81,9 +84,21 @@ impl Daemon {
 
     /// The daemon of `root`, recovered from what its store holds.
     pub(crate) async fn open(root: Arc<Root>, backend: Arc<FakeBackend>) -> Daemon {
+        // Pods without CNI unless a test sets it up.
+        Daemon::open_with(root, backend, |c| c.cni.enabled = false).await
+    }
+
+    /// As [`Daemon::open`], its configuration changed by `tweak` first.
+    pub(crate) async fn open_with(
+        root: Arc<Root>,
+        backend: Arc<FakeBackend>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Daemon {
         let mut config = Config::load(None).expect("the embedded configuration loads");
         config.root = root.path().to_path_buf();
+        tweak(&mut config);
         let config = Arc::new(config);
+        let network = Arc::new(Network::new(&config).expect("pod networking"));
         let store = Store::open(root.path()).expect("the store opens");
         let snapshot = store.load().expect("the store loads");
         let sandboxes = Arc::new(
@@ -93,6 +108,7 @@ impl Daemon {
                 Backends::only(backend.clone()),
                 // No process stands behind a fake sandbox.
                 Arc::new(PodCgroups::over(None, &config).expect("the default cgroup parent")),
+                network,
                 snapshot.sandboxes,
             )
             .expect("sandboxes recover"),

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::cgroup::Placement;
 use crate::config::{Backend, Config, Handler};
+use crate::network::PodNetwork;
 use crate::store::{NamespaceModes, ProcessRef, SandboxRecord};
 use share::SharedDir;
 use std::os::fd::AsRawFd;
@@ -124,10 +125,56 @@ struct PodLink {
     routes: Vec<pb::Route>,
 }
 
-/// The pod network `rec` was given, if any (none for host networking).
+/// The pod network CNI gave `rec`, as its VM is connected to it; none
+/// when it has none (CNI disabled).
 fn pod_link(rec: &SandboxRecord) -> Option<PodLink> {
-    let _ = rec;
-    None
+    let net = rec.network.as_ref()?;
+    Some(link_of(net))
+}
+
+/// The CNI interface in the pod's namespace (the first the result places
+/// in a sandbox, as plugins report the container side), its addresses,
+/// and the routes. A route without a gateway takes the gateway of an
+/// address of its family, as the CNI spec leaves it to the runtime.
+fn link_of(net: &PodNetwork) -> PodLink {
+    let found = net
+        .interfaces
+        .iter()
+        .enumerate()
+        .find(|(_, i)| !i.sandbox.is_empty());
+    let (index, ifname) = match found {
+        Some((i, iface)) => (Some(i), iface.name.clone()),
+        // CNI_IFNAME is always eth0.
+        None => (None, "eth0".to_owned()),
+    };
+    let ips: Vec<_> = net
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == index)
+        .collect();
+    let addresses = ips.iter().map(|ip| ip.address.to_string()).collect();
+    let routes = net
+        .routes
+        .iter()
+        .map(|r| {
+            let gw = r.gw.or_else(|| {
+                ips.iter()
+                    .filter(|ip| ip.address.addr.is_ipv4() == r.dst.addr.is_ipv4())
+                    .find_map(|ip| ip.gateway)
+            });
+            pb::Route {
+                destination: r.dst.to_string(),
+                gateway: gw.map(|g| g.to_string()).unwrap_or_default(),
+                device: ifname.clone(),
+            }
+        })
+        .collect();
+    PodLink {
+        netns: net.netns.clone(),
+        ifname,
+        addresses,
+        routes,
+    }
 }
 
 /// The newest file named `file` in `<cache>/<kind>/*/`.
@@ -311,5 +358,95 @@ impl SandboxBackend for MicroVm {
 
     fn release_all(&self, sandbox_dir: &Path) -> std::io::Result<()> {
         SharedDir::new(sandbox_dir).release_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{Cidr, Dns, Interface, IpConfig, Route};
+
+    fn cidr(s: &str) -> Cidr {
+        let (a, p) = s.split_once('/').unwrap();
+        Cidr {
+            addr: a.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+        }
+    }
+
+    /// What the bridge plugin reports: the host veth, the bridge, and
+    /// the pod's eth0; a default route, and one without a gateway.
+    #[test]
+    fn the_guest_gets_the_pod_side_interface_its_addresses_and_gatewayed_routes() {
+        let net = PodNetwork {
+            netns: "/run/vmcri/netns/x".into(),
+            interfaces: vec![
+                Interface {
+                    name: "cni0".into(),
+                    mac: "aa:00:00:00:00:01".into(),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: "veth1".into(),
+                    mac: "aa:00:00:00:00:02".into(),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: "eth0".into(),
+                    mac: "0a:58:0a:f4:01:05".into(),
+                    sandbox: "/run/vmcri/netns/x".into(),
+                },
+            ],
+            ips: vec![
+                IpConfig {
+                    address: cidr("10.244.1.5/24"),
+                    gateway: Some("10.244.1.1".parse().unwrap()),
+                    interface: Some(2),
+                },
+                IpConfig {
+                    address: cidr("fd00:10::5/64"),
+                    gateway: Some("fd00:10::1".parse().unwrap()),
+                    interface: Some(2),
+                },
+                // Another interface's address is not the guest's.
+                IpConfig {
+                    address: cidr("10.9.9.9/32"),
+                    gateway: None,
+                    interface: Some(0),
+                },
+            ],
+            routes: vec![
+                Route {
+                    dst: cidr("0.0.0.0/0"),
+                    gw: Some("10.244.1.254".parse().unwrap()),
+                },
+                Route {
+                    dst: cidr("10.96.0.0/12"),
+                    gw: None,
+                },
+                Route {
+                    dst: cidr("::/0"),
+                    gw: None,
+                },
+            ],
+            dns: Dns::default(),
+        };
+        let l = link_of(&net);
+        assert_eq!(l.netns, Path::new("/run/vmcri/netns/x"));
+        assert_eq!(l.ifname, "eth0");
+        assert_eq!(l.addresses, ["10.244.1.5/24", "fd00:10::5/64"]);
+        let routes: Vec<_> = l
+            .routes
+            .iter()
+            .map(|r| (r.destination.as_str(), r.gateway.as_str(), r.device.as_str()))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("0.0.0.0/0", "10.244.1.254", "eth0"),
+                ("10.96.0.0/12", "10.244.1.1", "eth0"),
+                ("::/0", "fd00:10::1", "eth0"),
+            ]
+        );
     }
 }
