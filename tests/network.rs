@@ -54,9 +54,13 @@ fn net(s: &Scratch, tag: &str, conflist: Option<&dyn Fn(&Path) -> String>) -> Ne
         std::fs::write(conf_dir.join("10-test.conflist"), c(&ipam_dir)).unwrap();
     }
     let a = artifacts();
+    // The default handler runs process pods; `vmcri` runs microVMs.
     let config = format!(
-        "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\n[agent]\nstop_timeout_secs = 5\n{}",
+        "default_handler = \"vmcri-process\"\n[handlers.vmcri-process]\nbackend = \"process\"\n[process]\nagent = \"{}\"\n[microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\n[handlers.vmcri]\nbackend = \"microvm\"\nvcpus = 1\nmemory_mib = 256\n[agent]\nstop_timeout_secs = 5\ncall_timeout_secs = 180\n{}",
         a.agent.display(),
+        a.kernel.display(),
+        a.agent_initrd.display(),
+        a.vmm.display(),
         cni_config(&conf_dir, &[&bin_dir, Path::new(DEBIAN_CNI_BIN)]),
     );
     let daemon = Daemon::start_in(&s.0, &config, Some(&ns.path()));
@@ -130,9 +134,17 @@ async fn run(
     rt: &mut RuntimeServiceClient<Channel>,
     config: cri::PodSandboxConfig,
 ) -> Result<String, tonic::Status> {
+    run_with(rt, config, "").await
+}
+
+async fn run_with(
+    rt: &mut RuntimeServiceClient<Channel>,
+    config: cri::PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
     rt.run_pod_sandbox(cri::RunPodSandboxRequest {
         config: Some(config),
-        runtime_handler: String::new(),
+        runtime_handler: handler.into(),
     })
     .await
     .map(|r| r.into_inner().pod_sandbox_id)
@@ -175,10 +187,22 @@ async fn serve(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &str, body:
 /// `nc`: the image's static wget crashes without the files glibc's
 /// lookups want), retried while httpd comes up.
 async fn fetch_in(rt: &mut RuntimeServiceClient<Channel>, id: &str, ip: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    fetch_in_within(rt, id, ip, Duration::from_secs(20)).await
+}
+
+/// [`fetch_in`], retrying for up to `patience`: an exec in a microVM
+/// takes seconds on software-nested KVM, more while other VMs boot.
+async fn fetch_in_within(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    ip: &str,
+    patience: Duration,
+) -> String {
+    let deadline = Instant::now() + patience;
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80");
     loop {
-        let r = exec(rt, id, &["sh", "-c", &script], 10)
+        let exec_timeout = i64::try_from(patience.as_secs()).unwrap_or(i64::MAX).max(10);
+        let r = exec(rt, id, &["sh", "-c", &script], exec_timeout)
             .await
             .expect("ExecSync");
         let out = String::from_utf8_lossy(&r.stdout).to_string();
@@ -511,5 +535,74 @@ fn a_daemon_killed_between_add_and_ready_cleans_up_on_restart() {
             .into_inner()
             .items
             .is_empty());
+    });
+}
+
+/// The product path: microVM pods on the same bridge as a process pod.
+/// Each VM's NIC is a tap beside its pod's CNI veth with tc redirects
+/// both ways, configured in the guest with the CNI addresses: the VMs
+/// reach each other and the process pod, the test's namespace reaches
+/// them, a hostPort reaches one, and removal leaves no lease, namespace
+/// or veth (the taps lived in the pods' namespaces and went with them).
+#[test]
+fn microvm_pods_share_the_bridge_with_process_pods_and_leave_nothing() {
+    let s = Scratch::new("net-vms").unwrap();
+    let n = net(
+        &s,
+        "vms",
+        Some(&|ipam| conflist("cni0", "10.244.72.0/24", ipam, &[])),
+    );
+    let patience = Duration::from_secs(240);
+    rt().block_on(async {
+        let (mut rt, mut images) = clients(&n.daemon).await;
+        pull(&mut images, &n.image).await;
+        // Both VMs boot at once, as kubelet would start them.
+        let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
+        let (a, b) = tokio::join!(
+            run_with(&mut rt_a, web_pod("vm-a", &n.dir, Some(18081)), "vmcri"),
+            run_with(&mut rt_b, web_pod("vm-b", &n.dir, None), "vmcri"),
+        );
+        let (a, b) = (a.expect("RunPodSandbox vm-a"), b.expect("RunPodSandbox vm-b"));
+        let p = run(&mut rt, web_pod("proc", &n.dir, None))
+            .await
+            .expect("RunPodSandbox proc");
+        let ip = |s: &cri::PodSandboxStatus| s.network.as_ref().expect("a pod IP").ip.clone();
+        let ip_a = ip(&pod_status(&mut rt, &a).await);
+        let ip_b = ip(&pod_status(&mut rt, &b).await);
+        let ip_p = ip(&pod_status(&mut rt, &p).await);
+        for ip in [&ip_a, &ip_b, &ip_p] {
+            assert!(ip.starts_with("10.244.72."), "{ip}");
+        }
+        // In a VM pod's namespace: the tap, redirected to and from eth0.
+        let pod_ns = n.daemon.root.join("netns").join(&a);
+        let tc = n.ns.run(&[
+            "nsenter",
+            &format!("--net={}", pod_ns.display()),
+            "tc",
+            "filter",
+            "show",
+            "dev",
+            "eth0",
+            "ingress",
+        ]);
+        assert!(tc.contains("mirred") && tc.contains("vmtap0"), "{tc}");
+
+        let (ca, cb) = tokio::join!(serve(&mut rt_a, &n, &a, "vm-a"), serve(&mut rt_b, &n, &b, "vm-b"));
+        let cp = serve(&mut rt, &n, &p, "proc").await;
+        // Process pod -> VM, VM -> VM, VM -> process pod.
+        assert_eq!(fetch_in(&mut rt, &cp, &ip_a).await, "vm-a");
+        assert_eq!(fetch_in_within(&mut rt, &cb, &ip_a, patience).await, "vm-a");
+        assert_eq!(fetch_in_within(&mut rt, &ca, &ip_p, patience).await, "proc");
+        // The test's namespace reaches the VMs, and vm-a through its
+        // hostPort on the bridge address.
+        assert_eq!(fetch_from_ns(&n.ns, &format!("{ip_b}:80")).await, "vm-b");
+        assert_eq!(fetch_from_ns(&n.ns, "10.244.72.1:18081").await, "vm-a");
+
+        for pod in [&a, &b, &p] {
+            stop_and_remove(&mut rt, pod).await;
+        }
+        n.assert_clean();
+        let nat = n.ns.run(&["iptables-save", "-t", "nat"]);
+        assert!(!nat.contains("18081"), "{nat}");
     });
 }
