@@ -190,11 +190,14 @@ const EPOLL: &[i64] = &[
 
 /// The net loop: it waits on an epoll set built at activation, adding
 /// and removing the tap as RX buffers come and go; frames move with
-/// read and writev (in [`COMMON`]). No socket calls, no fcntl.
+/// read and writev (in [`COMMON`]). No socket calls. fcntl: the std
+/// checks fds it takes ownership of with F_GETFD (debug builds), when
+/// the loop's eventfds and epoll are dropped here.
 const NET: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    libc::SYS_fcntl,
 ];
 
 /// The vsock muxer: accepts and makes Unix stream connections.

@@ -26,3 +26,6 @@ pub use config::{MacAddr, NetSpec, NetSpecError};
 pub use device::Net;
 pub use queues::{NetQueues, Step};
 pub use tap::{Tap, TapError};
+
+#[cfg(test)]
+mod tests;
