@@ -72,7 +72,10 @@ impl Guest {
     }
 
     fn queues(&self) -> (Queue, Queue) {
-        (self.rx.create_queue().unwrap(), self.tx.create_queue().unwrap())
+        (
+            self.rx.create_queue().unwrap(),
+            self.tx.create_queue().unwrap(),
+        )
     }
 
     fn net(&self, tap: Tap, features: u64) -> NetQueues {
@@ -179,7 +182,7 @@ impl Guest {
 /// A vnet header (no offloads) and an Ethernet frame of `len` bytes.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0u8; HDR_LEN];
-    f.extend((0..len).map(|i| seed.wrapping_add((i % 251) as u8)));
+    f.extend((0..len).map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap_or(0))));
     f
 }
 
@@ -265,7 +268,11 @@ fn a_frame_waits_for_buffers_and_then_arrives_whole() {
     peer.send(&first).unwrap();
     peer.send(&second).unwrap();
     let step = net.process_rx();
-    assert_eq!(step, Default::default(), "nothing used, nothing left to spin on");
+    assert_eq!(
+        step,
+        Default::default(),
+        "nothing used, nothing left to spin on"
+    );
     assert!(net.rx_blocked() && net.has_pending());
     assert!(!net.wants_tap(), "the tap is not watched while blocked");
     assert!(g.take_rx_used().is_empty());
@@ -299,7 +306,11 @@ fn without_mergeable_buffers_a_frame_takes_one_chain_or_is_dropped() {
     peer.send(&small).unwrap();
     net.process_rx();
     let used = g.take_rx_used();
-    assert_eq!(used.len(), 1, "the big frame was dropped, the small one kept");
+    assert_eq!(
+        used.len(),
+        1,
+        "the big frame was dropped, the small one kept"
+    );
     let got = g.read_rx(&used);
     assert_eq!(num_buffers(&got), 1);
     assert_eq!(got[HDR_LEN..], small[HDR_LEN..]);
@@ -389,7 +400,9 @@ fn the_net_thread_serves_both_queues_under_its_seccomp_role() {
     let (mut net, peer) = device(None);
     let (rx, tx) = g.queues();
     let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
-    let notifiers: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let notifiers: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
     let features = net.features();
     net.activate(
         g.mem.clone(),
@@ -422,4 +435,208 @@ fn the_net_thread_serves_both_queues_under_its_seccomp_role() {
     assert_eq!(g.read_rx(&used)[HDR_LEN..], inbound[HDR_LEN..]);
     assert!(interrupt.status() & 1 != 0, "the guest was interrupted");
     net.reset();
+}
+
+/// `struct ifreq` with the name and a short (flags) or int (index).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+fn ifreq(name: &str) -> IfReq {
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        value: 0,
+        _pad: [0; 20],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    req
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// An Ethernet frame of our own experimental ethertype (0x88b5), which
+/// nothing in the namespace answers.
+fn ether(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The test body, on a thread that moved into a network namespace of its
+/// own: nothing it sends can leave that namespace, which holds only
+/// loopback and the tap. `Ok(Some(reason))`: skipped.
+fn through_a_real_tap() -> Result<Option<String>, String> {
+    // SAFETY: unshare(2) of this thread's network namespace only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Ok(Some(os_err("unshare(CLONE_NEWNET)")));
+    }
+    let tun = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(f) => f,
+        Err(e) => return Ok(Some(format!("/dev/net/tun: {e}"))),
+    };
+    let name = "vmcri-t0";
+    let mut req = ifreq(name);
+    req.value = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    // SAFETY: TUNSETIFF reads (and may write back) a struct ifreq.
+    if unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&tun),
+            libc::TUNSETIFF,
+            &raw mut req,
+        )
+    } < 0
+    {
+        return Err(os_err("TUNSETIFF"));
+    }
+    let eth_p_all = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
+    // SAFETY: socket(2) with plain arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(eth_p_all),
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("packet socket"));
+    }
+    // SAFETY: a new fd of ours.
+    let packet = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = ifreq(name);
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS/SIOCGIFINDEX read and write a
+    // struct ifreq.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &raw mut req) < 0 {
+            return Err(os_err("SIOCGIFFLAGS"));
+        }
+        req.value |= libc::IFF_UP;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req) < 0 {
+            return Err(os_err("SIOCSIFFLAGS"));
+        }
+        req = ifreq(name);
+        if libc::ioctl(fd, libc::SIOCGIFINDEX, &raw mut req) < 0 {
+            return Err(os_err("SIOCGIFINDEX"));
+        }
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+    addr.sll_protocol = eth_p_all;
+    addr.sll_ifindex = req.value;
+    addr.sll_halen = 6;
+    let addr_len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap();
+    // SAFETY: bind to a sockaddr_ll of the size given.
+    if unsafe { libc::bind(fd, (&raw const addr).cast(), addr_len) } < 0 {
+        return Err(os_err("bind the packet socket"));
+    }
+    let tap = Tap::from_inherited_fd(std::os::fd::IntoRawFd::into_raw_fd(tun))
+        .map_err(|e| e.to_string())?;
+    let mut g = Guest::new();
+    let mut net = g.net(tap, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    // What activation does with a driver that takes every offload.
+    let all = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6;
+    net.tap()
+        .set_offloads(tun_offloads(all))
+        .map_err(|e| e.to_string())?;
+
+    // Guest to tap: the frame comes out of the interface as sent, the
+    // vnet header gone.
+    let guest_mac = [2, 0, 0, 0, 0, 9];
+    let out = ether([0xff; 6], guest_mac, b"vmcri virtio-net to tap");
+    let mut with_hdr = vec![0u8; HDR_LEN];
+    with_hdr.extend_from_slice(&out);
+    g.send(0, &with_hdr, 2);
+    net.process_tx();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll one pollfd; recv into buf.
+        let n = unsafe {
+            if libc::poll(&raw mut pfd, 1, 100) <= 0 {
+                0
+            } else {
+                libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)
+            }
+        };
+        if n > 0 && buf[..usize::try_from(n).unwrap()] == out[..] {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the frame never came out of the tap".into());
+        }
+    }
+
+    // Tap to guest: a frame sent on the interface reaches the guest's
+    // buffers (among whatever else the kernel sends on a new link).
+    let inbound = ether(guest_mac, [2, 0, 0, 0, 0, 0xaa], b"tap to vmcri virtio-net");
+    // SAFETY: sendto with the bound address.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            inbound.as_ptr().cast(),
+            inbound.len(),
+            0,
+            (&raw const addr).cast(),
+            addr_len,
+        )
+    };
+    if sent < 0 {
+        return Err(os_err("send on the interface"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if g.rx_next < QSIZE - 8 {
+            g.post_rx(8, 2048);
+            net.rx_notified();
+        }
+        net.process_rx();
+        let used = g.take_rx_used();
+        let found = used.iter().any(|u| {
+            let got = g.read_rx(std::slice::from_ref(u));
+            got.len() > HDR_LEN && got[HDR_LEN..] == inbound[..]
+        });
+        if found {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the frame never reached the guest".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(packet);
+    Ok(None)
+}
+
+#[test]
+fn frames_cross_a_real_tap_in_a_throwaway_network_namespace() {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a network namespace and a tap need root");
+        return;
+    }
+    let result = std::thread::spawn(through_a_real_tap)
+        .join()
+        .expect("the namespace thread panicked");
+    match result {
+        Ok(None) => {}
+        Ok(Some(reason)) => eprintln!("skipped: {reason}"),
+        Err(e) => panic!("{e}"),
+    }
 }
