@@ -114,7 +114,9 @@ impl NetQueues {
             // Errors here mean the ring left guest memory; the pop below
             // then finds nothing.
             let _ = self.tx.disable_notification(&mem);
+            let mut popped = false;
             while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
+                popped = true;
                 let head = chain.head_index();
                 if let Err(e) = send_chain(&self.tap, &mem, chain) {
                     self.tx_warn.warn(&e);
@@ -131,9 +133,17 @@ impl NetQueues {
                     break 'ring;
                 }
             }
-            // Buffers added after the pop and before this are served now.
+            // Buffers added after the pop and before this are served now;
+            // but an avail index further ahead than the ring is long
+            // pops nothing yet always looks new: that is no reason to
+            // go round again.
             match self.tx.enable_notification(&mem) {
-                Ok(true) => continue,
+                Ok(true) if popped => continue,
+                Ok(true) => {
+                    self.tx_warn
+                        .warn(&"the TX avail index runs ahead of the ring");
+                    break;
+                }
                 _ => break,
             }
         }
