@@ -452,6 +452,32 @@ mod tests {
     }
 
     #[test]
+    fn the_net_thread_opens_no_socket_and_makes_no_other_ioctl() {
+        let status = in_child(Role::Net, || {
+            // SAFETY: socket(2) with plain arguments; the filter stops it.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        });
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let status = in_child(Role::Net, || {
+            // SAFETY: TUNSETIFF on stdin with a null pointer; the filter
+            // stops it before the kernel looks at it.
+            unsafe { libc::ioctl(0, libc::TUNSETIFF, std::ptr::null_mut::<u8>()) };
+        });
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let status = in_child(Role::Net, || {
+            // SAFETY: TUNSETOFFLOAD on stdin, not a tap: allowed by the
+            // filter, refused by the kernel (ENOTTY or EBADFD).
+            unsafe { libc::ioctl(0, libc::TUNSETOFFLOAD, 0u64) };
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x}"
+        );
+    }
+
+    #[test]
     fn a_vcpu_thread_may_only_make_its_kvm_ioctls() {
         let status = in_child(Role::Vcpu, || {
             let mut ws = libc::winsize {
