@@ -532,6 +532,142 @@ fn mmio_seeds() {
     write("mmio", "refusals-and-odd-accesses", &s.0);
 }
 
+// ---- net ---------------------------------------------------------------
+
+mod net {
+    use super::Seed;
+
+    pub const MRG: u8 = 1;
+    pub const EVENT_IDX: u8 = 2;
+    pub const FRAME: u8 = 0;
+    pub const RAW: u8 = 2;
+    pub const POST_RX: u8 = 3;
+    pub const HOST_SEND: u8 = 4;
+    pub const NOTIFY: u8 = 6;
+    pub const STEP: u8 = 7;
+
+    /// A header asking for checksum offload (flags, gso_type, hdr_len,
+    /// gso_size, csum_start, csum_offset, num_buffers).
+    pub fn header(s: Seed) -> Seed {
+        s.b(1).b(0).w(0).w(0).w(34).w(16).w(0)
+    }
+
+    /// A guest frame with a short payload, cut at `cuts` (bits 0-1 cut,
+    /// 4-6 make a piece device-writable).
+    pub fn frame(s: Seed, payload: &[u8], cuts: u8, at: &[u16]) -> Seed {
+        let mut s = header(s.b(FRAME)).b(0).s(payload).b(cuts);
+        for a in at {
+            s = s.w(*a);
+        }
+        s
+    }
+
+    /// A guest frame of `n + 16` copies of `fill` (bit 7 set).
+    pub fn big_frame(s: Seed, fill: u8, n: u16) -> Seed {
+        header(s.b(FRAME)).b(0x80 | fill).w(n).b(0)
+    }
+
+    /// `chains` RX chains, each of the given descriptor size choices
+    /// (0: 1526, 1: 4096, 2: a maximal frame; +0x40 readable, +0x00
+    /// with bit 7 clear and 6 clear: outside memory), then a notify.
+    pub fn post_rx(s: Seed, chains: &[&[u8]], notify: bool) -> Seed {
+        let mut s = s.b(POST_RX).b(u8::try_from(chains.len() - 1).expect("few"));
+        for c in chains {
+            s = s.b(u8::try_from(c.len() - 1).expect("few"));
+            for sel in *c {
+                s = s.b(*sel);
+            }
+        }
+        s.b(u8::from(notify))
+    }
+
+    /// A tap-side frame of `n + extra` copies of `fill` (`fill % 4 == 0`).
+    pub fn host_big(s: Seed, fill: u8, n: u16, extra: u8) -> Seed {
+        s.b(HOST_SEND).b(fill).w(n).b(extra)
+    }
+
+    /// A tap-side frame: a zero header and `payload`.
+    pub fn host_frame(s: Seed, payload: &[u8]) -> Seed {
+        s.b(HOST_SEND).b(2).raw(&[0; 12]).s(payload)
+    }
+}
+
+fn net_seeds() {
+    use net::*;
+    const GOOD: u8 = 0x80;
+    // Frames from the guest: whole, cut in three, large, too large, and
+    // with a device-writable piece.
+    let s = Seed::default().b(MRG);
+    let s = frame(
+        s,
+        b"\xff\xff\xff\xff\xff\xff\x02\0\0\0\0\x09\x88\xb5hello",
+        0,
+        &[],
+    );
+    let s = frame(s, &[7; 100], 3, &[20, 30]);
+    let s = big_frame(s, 0x11, 60_000);
+    let s = big_frame(s, 0x12, 65_535);
+    let s = frame(s, &[8; 40], 0x21, &[10]);
+    write("net", "tx-frames", &s.0);
+
+    // A 60000-byte frame from the tap over 4 KiB buffers: too few, then
+    // enough once the guest adds some and notifies.
+    let four_k: &[u8] = &[GOOD | 1, GOOD | 1, GOOD | 1];
+    let s = Seed::default().b(MRG | EVENT_IDX);
+    let s = post_rx(s, &[four_k, four_k, four_k, four_k], true);
+    let s = host_big(s, 0, 60_000, 0).b(STEP);
+    let s = host_frame(s, b"a small one after it").b(STEP);
+    let s = post_rx(s, &[four_k, four_k], false).b(NOTIFY).b(STEP);
+    write("net", "rx-mergeable-waits-for-buffers", &s.0);
+
+    // Without mergeable buffers: frames that fit one chain, one that does
+    // not, runts, and one past the largest frame.
+    let s = Seed::default().b(0);
+    let s = post_rx(s, &[&[GOOD], &[GOOD], &[GOOD | 2], &[GOOD]], true);
+    let s = host_frame(s, &[1; 200]);
+    let s = host_big(s, 4, 3000, 0);
+    let s = s.b(HOST_SEND).b(0x51).raw(&[1, 2, 3, 4, 5]);
+    let s = host_big(s, 8, 65_535, 0x3f);
+    let s = host_frame(s, &[2; 60]).b(STEP).b(NOTIFY);
+    write("net", "rx-single-buffers-drops-and-runts", &s.0);
+
+    // Driver bugs: raw TX chains (writable, outside memory, looping), RX
+    // chains that are readable or outside memory amid good ones.
+    let s = Seed::default().b(MRG);
+    let s = s
+        .b(RAW)
+        .b(1)
+        .b(0)
+        .w(0)
+        .w(64)
+        .w(0)
+        .w(1)
+        .b(0)
+        .w(64)
+        .w(64)
+        .w(2)
+        .w(0);
+    let s = s.b(RAW).b(0).b(1).q(0xffff_ffff_0000).w(1500).w(0).w(0);
+    let s = s
+        .b(RAW)
+        .b(1)
+        .b(0)
+        .w(0)
+        .w(64)
+        .w(1)
+        .w(0)
+        .b(0)
+        .w(64)
+        .w(64)
+        .w(1)
+        .w(0);
+    let s = post_rx(s, &[&[0x40 | 1], &[1], &[GOOD | 1, 1], &[GOOD | 1]], true);
+    let s = host_frame(s, &[3; 250]).b(STEP);
+    let s = host_big(s, 0, 5000, 0).b(STEP);
+    let s = post_rx(s, &[&[GOOD | 2]], true);
+    write("net", "malformed-chains", &s.0);
+}
+
 // ---- spdy --------------------------------------------------------------
 
 fn spdy_seeds() {
@@ -746,6 +882,7 @@ fn main() {
     vsock_seeds();
     fs_seeds();
     mmio_seeds();
+    net_seeds();
     spdy_seeds();
     unpack_seeds();
 }

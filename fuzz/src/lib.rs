@@ -13,6 +13,8 @@
 //!   checking nothing outside it is reached;
 //! - [`mmio`]: virtio-mmio register sequences (features, queues,
 //!   activate, reset) in front of a checking device;
+//! - [`net`]: the virtio-net device's TX and RX queue work against a
+//!   socket-pair tap, checking frames cross whole and in order;
 //! - [`spdy`]: the SPDY/3 frame decoder and header inflation;
 //! - [`unpack`]: OCI layer unpacking, checking nothing lands outside the
 //!   layer directory.
@@ -20,6 +22,7 @@
 pub mod fs;
 pub mod input;
 pub mod mmio;
+pub mod net;
 pub mod oracle;
 pub mod spdy;
 pub mod unpack;
@@ -34,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vsock", vsock::run),
     ("fs", fs::run),
     ("mmio", mmio::run),
+    ("net", net::run),
     ("spdy", spdy::run),
     ("unpack", unpack::run),
 ];

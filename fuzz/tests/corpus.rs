@@ -42,6 +42,11 @@ fn mmio_corpus() {
 }
 
 #[test]
+fn net_corpus() {
+    replay("net");
+}
+
+#[test]
 fn spdy_corpus() {
     replay("spdy");
 }

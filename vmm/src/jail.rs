@@ -3,8 +3,10 @@
 //!
 //! - New mount, PID, IPC, UTS and network namespaces (the VMM needs no
 //!   network: vsock is path-based Unix sockets, which cross network
-//!   namespaces; a subverted VMM reaches no host port, metadata service
-//!   or abstract socket). A PID namespace only applies
+//!   namespaces, and virtio-net uses the tap fd `--net` hands in, opened
+//!   in the pod's namespace and inherited here like every fd: nothing in
+//!   the jail closes it; a subverted VMM reaches no host port, metadata
+//!   service or abstract socket). A PID namespace only applies
 //!   to children, so the process forks: the parent (the "keeper") stays
 //!   outside, waits, and exits with the jailed VMM's status; the child is
 //!   PID 1 of its namespace and dies with the keeper (`PDEATHSIG`), so the

@@ -16,4 +16,4 @@ pub mod vm;
 
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;
-pub use vm::{SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};
+pub use vm::{NetConfig, SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};

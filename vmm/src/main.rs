@@ -2,11 +2,13 @@
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use vmcri_vmm::devices::net::{NetSpec, Tap, TapError};
 use vmcri_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use vmcri_vmm::jail::{self, JailSpec};
 use vmcri_vmm::seccomp;
-use vmcri_vmm::{CpuProfile, SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};
+use vmcri_vmm::{CpuProfile, NetConfig, SerialOutput, SharedFsConfig, Vm, VmConfig, VsockConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SeccompArg {
@@ -74,6 +76,11 @@ struct Args {
     /// The virtio-fs tag the guest mounts the shared directory by.
     #[arg(long, default_value = "vmcri")]
     shared_tag: String,
+    /// Give the guest a virtio-net card over a tap the caller opened
+    /// (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, in the pod's network namespace)
+    /// and left open, not close-on-exec, as fd N: `fd=N,mac=MAC[,mtu=M]`.
+    #[arg(long, value_name = "fd=N,mac=MAC[,mtu=M]")]
+    net: Option<NetSpec>,
     /// Run jailed, with this empty directory as the root: own mount, PID,
     /// IPC and UTS namespaces, only the VM's files, no new privileges,
     /// reduced capabilities (see the jail module). Needs root.
@@ -125,6 +132,15 @@ fn main() {
         ProfileArg::Host => CpuProfile::Host,
         ProfileArg::Nested => CpuProfile::NestedSoftware,
     };
+    // Taken before the jail: checking the fd needs nothing of the host,
+    // and the tap keeps working from the jail's empty network namespace.
+    let net = match args.net.map(take_tap).transpose() {
+        Ok(net) => net,
+        Err((e, code)) => {
+            eprintln!("vmcri-vmm: --net: {e}");
+            std::process::exit(code);
+        }
+    };
     let mut args = args;
     if let Some(dir) = args.jail.take() {
         let serial = (args.serial != "-").then(|| PathBuf::from(&args.serial));
@@ -175,6 +191,7 @@ fn main() {
             tag: args.shared_tag,
             dir,
         }),
+        net,
     };
     let result = Vm::build(&config).and_then(Vm::run);
     match result {
@@ -188,5 +205,19 @@ fn main() {
             eprintln!("vmcri-vmm: {e}");
             std::process::exit(EXIT_SETUP_ERROR);
         }
+    }
+}
+
+/// Takes over the tap `--net` names; a wrong fd is a usage error, a tap
+/// that refuses setup a setup error.
+fn take_tap(spec: NetSpec) -> Result<NetConfig, (TapError, i32)> {
+    match Tap::from_inherited_fd(spec.fd) {
+        Ok(tap) => Ok(NetConfig {
+            tap: Arc::new(tap),
+            mac: spec.mac,
+            mtu: spec.mtu,
+        }),
+        Err(e @ TapError::Setup { .. }) => Err((e, EXIT_SETUP_ERROR)),
+        Err(e) => Err((e, EXIT_USAGE)),
     }
 }

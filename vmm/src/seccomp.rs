@@ -47,6 +47,8 @@ pub enum Role {
     Vsock,
     /// Serves virtio-fs requests against the shared directory.
     Fs,
+    /// Moves frames between the virtio-net queues and the tap.
+    Net,
     /// The main thread once the VM runs: waits for the end, stops the
     /// vCPUs, flushes the console.
     Main,
@@ -56,7 +58,7 @@ static MODE: OnceLock<Mode> = OnceLock::new();
 static DENIED: OnceLock<Vec<(Role, i64)>> = OnceLock::new();
 
 /// Takes the syscalls of `spec` (`ROLE:NR,...`, roles `vcpu`, `device`,
-/// `vsock`, `fs`, `main`) out of their roles' lists; the first call wins.
+/// `vsock`, `fs`, `net`, `main`) out of their roles' lists; the first call wins.
 pub fn deny_also(spec: &str) -> Result<(), String> {
     let _ = DENIED.set(parse_denied(spec)?);
     Ok(())
@@ -73,6 +75,7 @@ fn parse_denied(spec: &str) -> Result<Vec<(Role, i64)>, String> {
             "device" => Role::Device,
             "vsock" => Role::Vsock,
             "fs" => Role::Fs,
+            "net" => Role::Net,
             "main" => Role::Main,
             other => return Err(format!("unknown thread role {other:?}")),
         };
@@ -185,6 +188,18 @@ const EPOLL: &[i64] = &[
     libc::SYS_fcntl,
 ];
 
+/// The net loop: it waits on an epoll set built at activation, adding
+/// and removing the tap as RX buffers come and go; frames move with
+/// read and writev (in [`COMMON`]). No socket calls. fcntl: the std
+/// checks fds it takes ownership of with F_GETFD (debug builds), when
+/// the loop's eventfds and epoll are dropped here.
+const NET: &[i64] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_fcntl,
+];
+
 /// The vsock muxer: accepts and makes Unix stream connections.
 const VSOCK: &[i64] = &[
     libc::SYS_accept4,
@@ -271,6 +286,8 @@ const FS: &[i64] = &[
 const KVM_RUN: u64 = 0xae80;
 /// KVM_GET_REGS, for the registers in an error message.
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// TUNSETOFFLOAD: the net thread sets the offloads its driver acked.
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 /// FIONBIO: a socket made non-blocking (the vsock listener, when the
 /// driver activates the device from a vCPU thread).
 const FIONBIO: u64 = 0x5421;
@@ -280,6 +297,7 @@ fn ioctls(role: Role) -> &'static [u64] {
     match role {
         Role::Vcpu => &[KVM_RUN, KVM_GET_REGS, FIONBIO],
         Role::Vsock => &[FIONBIO],
+        Role::Net => &[TUNSETOFFLOAD],
         Role::Device | Role::Fs | Role::Main => &[],
     }
 }
@@ -308,6 +326,7 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             allow(EPOLL);
             allow(FS);
         }
+        Role::Net => allow(NET),
         Role::Main => allow(&[libc::SYS_fsync]),
     }
     if role == Role::Vsock {
@@ -359,7 +378,14 @@ mod tests {
 
     #[test]
     fn every_role_compiles() {
-        for role in [Role::Vcpu, Role::Device, Role::Vsock, Role::Fs, Role::Main] {
+        for role in [
+            Role::Vcpu,
+            Role::Device,
+            Role::Vsock,
+            Role::Fs,
+            Role::Net,
+            Role::Main,
+        ] {
             let p = program(role, SeccompAction::KillProcess).unwrap();
             assert!(!p.is_empty());
         }
@@ -423,6 +449,32 @@ mod tests {
         });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
+    fn the_net_thread_opens_no_socket_and_makes_no_other_ioctl() {
+        let status = in_child(Role::Net, || {
+            // SAFETY: socket(2) with plain arguments; the filter stops it.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        });
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let status = in_child(Role::Net, || {
+            // SAFETY: TUNSETIFF on stdin with a null pointer; the filter
+            // stops it before the kernel looks at it.
+            unsafe { libc::ioctl(0, libc::TUNSETIFF, std::ptr::null_mut::<u8>()) };
+        });
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let status = in_child(Role::Net, || {
+            // SAFETY: TUNSETOFFLOAD on stdin, not a tap: allowed by the
+            // filter, refused by the kernel (ENOTTY or EBADFD).
+            unsafe { libc::ioctl(0, libc::TUNSETOFFLOAD, 0u64) };
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::devices::fs::FsDevice;
 use crate::devices::legacy::{
     I8042Reset, PanicPort, I8042_DATA_PORT, I8042_PORT_RANGE, PANIC_PORT,
 };
+use crate::devices::net::{MacAddr, Net, Tap};
 use crate::devices::rng::Rng;
 use crate::devices::serial::{Bounded, Console, COM1_IRQ, COM1_PORT, UART_PORT_RANGE};
 use crate::devices::virtio_mmio::{self, MmioTransport, VirtioDevice};
@@ -77,6 +78,19 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// A host directory shared over virtio-fs, if any.
     pub shared_fs: Option<SharedFsConfig>,
+    /// A network card over a tap, if any.
+    pub net: Option<NetConfig>,
+}
+
+/// The virtio-net device's settings.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The tap the runtime handed over, already validated.
+    pub tap: Arc<Tap>,
+    /// The guest interface's MAC.
+    pub mac: MacAddr,
+    /// The guest interface's MTU, if set.
+    pub mtu: Option<u16>,
 }
 
 /// The virtio-fs device's settings.
@@ -238,6 +252,10 @@ impl Vm {
         if let Some(f) = &config.shared_fs {
             let dev =
                 FsDevice::new(&f.tag, &f.dir).map_err(|e| BuildError::SharedFs(e.to_string()))?;
+            virtio.push(Box::new(dev));
+        }
+        if let Some(n) = &config.net {
+            let dev = Net::new(n.tap.clone(), n.mac, n.mtu).map_err(io_err("virtio-net thread"))?;
             virtio.push(Box::new(dev));
         }
         let mut mmio_args = Vec::new();

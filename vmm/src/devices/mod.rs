@@ -17,6 +17,7 @@ pub mod bus;
 pub mod fs;
 pub mod fs_policy;
 pub mod legacy;
+pub mod net;
 pub mod rng;
 pub mod serial;
 pub mod thread;
