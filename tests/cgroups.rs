@@ -241,7 +241,12 @@ fn a_vmm_that_outgrows_the_pods_memory_limit_is_killed_and_the_pod_says_why() {
     // The pod cgroup went with the failed pod; the parents are the test's.
     let top_dir = memory.join(&top);
     let pods: Vec<_> = std::fs::read_dir(top_dir.join("pod-uid-oom"))
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(pods.is_empty(), "left behind: {pods:?}");
     let _ = std::fs::remove_dir(top_dir.join("pod-uid-oom"));

@@ -65,7 +65,8 @@ fn smaps(pid: u32) -> Memory {
         if first.contains('-') && !first.ends_with(':') {
             // A mapping's header: "start-end perms offset dev inode [path]".
             let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
-            let size = u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
             let path = line.split_whitespace().nth(5);
             in_guest = size == GUEST_MIB << 20 && path.is_none();
             continue;
@@ -96,9 +97,18 @@ fn tree(pid: u32) -> Vec<u32> {
     let mut i = 0;
     while i < all.len() {
         let p = all[i];
-        for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
         }
         i += 1;
     }
@@ -128,7 +138,14 @@ fn boot(vmm: &Path, dir: &Path, confined: bool, rt: &tokio::runtime::Runtime) ->
         .arg(&a.kernel)
         .arg("--initrd")
         .arg(&a.agent_initrd)
-        .args(["--memory", &GUEST_MIB.to_string(), "--vcpus", "1", "--cmdline", "quiet"])
+        .args([
+            "--memory",
+            &GUEST_MIB.to_string(),
+            "--vcpus",
+            "1",
+            "--cmdline",
+            "quiet",
+        ])
         .arg("--vsock")
         .arg(&uds)
         .arg("--serial")
@@ -147,7 +164,10 @@ fn boot(vmm: &Path, dir: &Path, confined: bool, rt: &tokio::runtime::Runtime) ->
     // Let boot-time work settle before reading memory.
     std::thread::sleep(Duration::from_secs(2));
     let pids = tree(child.id());
-    let memory = pids.iter().map(|&p| smaps(p)).fold(Memory::default(), Memory::add);
+    let memory = pids
+        .iter()
+        .map(|&p| smaps(p))
+        .fold(Memory::default(), Memory::add);
     let _ = rt.block_on(agent.shutdown());
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -180,17 +200,30 @@ fn main() {
         .unwrap();
     let runs = runs();
     let mut setups: Vec<(String, PathBuf, bool)> = vec![
-        ("jailed + seccomp (the runtime's)".into(), a.vmm.clone(), true),
+        (
+            "jailed + seccomp (the runtime's)".into(),
+            a.vmm.clone(),
+            true,
+        ),
         ("unconfined (before the jail)".into(), a.vmm.clone(), false),
     ];
     if let Some(base) = std::env::var_os("VMCRI_BASELINE_VMM") {
-        setups.push(("VMCRI_BASELINE_VMM, unconfined".into(), PathBuf::from(base), false));
+        setups.push((
+            "VMCRI_BASELINE_VMM, unconfined".into(),
+            PathBuf::from(base),
+            false,
+        ));
     }
     let mut results = Vec::new();
     for (name, vmm, confined) in &setups {
         let mut rs = Vec::new();
         for i in 0..runs {
-            let r = boot(vmm, &scratch.0.join(format!("vm-{}-{i}", results.len())), *confined, &rt);
+            let r = boot(
+                vmm,
+                &scratch.0.join(format!("vm-{}-{i}", results.len())),
+                *confined,
+                &rt,
+            );
             eprintln!(
                 "{name} run {i}: ready {:.2} s, RSS {} KiB (guest {} KiB)",
                 r.ready.as_secs_f64(),

@@ -118,7 +118,10 @@ pub fn read_oom(h: &Hierarchy, relative: &str) -> Result<Oom, CgroupError> {
         }
         Hierarchy::Legacy(m) => {
             let dir = m.memory.join(relative);
-            (dir.join("memory.oom_control"), dir.join("memory.limit_in_bytes"))
+            (
+                dir.join("memory.oom_control"),
+                dir.join("memory.limit_in_bytes"),
+            )
         }
     };
     let text = read(&events)?;
@@ -248,7 +251,11 @@ mod tests {
                 limit_bytes: Some(192 << 20)
             }
         );
-        std::fs::write(memory.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        std::fs::write(
+            memory.join("memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
         assert_eq!(read_oom(&h, "p/vmcri-x").unwrap().limit_bytes, None);
         // A kernel too old to count kills: an error, not a zero.
         std::fs::write(memory.join("memory.oom_control"), "under_oom 0\n").unwrap();
@@ -256,8 +263,11 @@ mod tests {
 
         let dir = m("v2").join("p/vmcri-x");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
-            .unwrap();
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("memory.max"), "max\n").unwrap();
         let h = Hierarchy::Unified(m("v2"));
         assert_eq!(

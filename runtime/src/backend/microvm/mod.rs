@@ -438,7 +438,13 @@ mod tests {
         let routes: Vec<_> = l
             .routes
             .iter()
-            .map(|r| (r.destination.as_str(), r.gateway.as_str(), r.device.as_str()))
+            .map(|r| {
+                (
+                    r.destination.as_str(),
+                    r.gateway.as_str(),
+                    r.device.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             routes,
