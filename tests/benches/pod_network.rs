@@ -91,8 +91,10 @@ async fn sh(rt: &mut RuntimeServiceClient<Channel>, id: &str, script: &str) -> S
     )
 }
 
-/// MB/s of `mib` MiB from container `from` to `to_ip`:5001, where
-/// container `to` listens, as the sender's dd times it.
+/// MB/s of `mib` MiB from container `from` to `to_ip`:5001, as the
+/// receiver times it from its first byte to the end (on its own clock:
+/// a VM's and the host's are not compared). Busybox's small `nc` quits
+/// at EOF on its stdin, so the listener's stdin is a pipe that stays open.
 async fn bulk(
     rt: &mut RuntimeServiceClient<Channel>,
     from: &str,
@@ -100,35 +102,45 @@ async fn bulk(
     to_ip: &str,
     mib: usize,
 ) -> Option<f64> {
-    sh(rt, to, "nc -l -p 5001 > /dev/null 2>&1 < /dev/null &").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = sh(
+    sh(
         rt,
-        from,
-        &format!("dd if=/dev/zero bs=64k count={} 2>/tmp/dd.err | nc -w 10 {to_ip} 5001; cat /tmp/dd.err", mib * 16),
+        to,
+        "rm -f /tmp/rx; (sleep 600 | nc -l -p 5001 | { dd bs=1 count=1 of=/dev/null 2>/dev/null; \
+         a=$(cut -d' ' -f1 /proc/uptime); n=$(wc -c); b=$(cut -d' ' -f1 /proc/uptime); \
+         echo \"$n $a $b\" > /tmp/rx.tmp; mv /tmp/rx.tmp /tmp/rx; }) > /dev/null 2>&1 < /dev/null &",
     )
     .await;
-    // "67108864 bytes (64.0MB) copied, 1.234567 seconds, 51.8MB/s"
-    let secs: f64 = out
-        .split(" copied, ")
-        .nth(1)?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()?;
-    let copied: f64 = out
-        .split(" bytes")
-        .next()?
-        .lines()
-        .last()?
-        .trim()
-        .parse()
-        .ok()?;
-    if copied < (mib << 20) as f64 {
-        eprintln!("short copy: {out}");
-        return None;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sh(
+        rt,
+        from,
+        &format!(
+            "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {to_ip} 5001",
+            mib * 16
+        ),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let out = sh(rt, to, "cat /tmp/rx 2>/dev/null").await;
+        let f: Vec<f64> = out
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [n, a, b] = f[..] {
+            // The first byte went to dd; a run too short to time is void.
+            if n + 1.0 < (mib << 20) as f64 || b <= a {
+                eprintln!("short or untimed transfer: {out}");
+                return None;
+            }
+            return Some((n + 1.0) / f64::from(1 << 20) / (b - a));
+        }
+        if Instant::now() > deadline {
+            eprintln!("the receiver never finished");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Some(copied / f64::from(1 << 20) / secs)
 }
 
 /// Milliseconds per HTTP request, `REQUESTS` of them one after another
