@@ -31,8 +31,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// tc's handle of the ingress qdisc (`ffff:`).
 const INGRESS_PARENT: u32 = 0xffff_0000;
 
-/// `ETH_P_ALL` in network byte order, as tc filters want their protocol.
-const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+/// `ETH_P_ALL` (0x0003) in network byte order, as tc filters want their
+/// protocol.
+const ETH_P_ALL_BE: u16 = 0x0003_u16.to_be();
 
 /// Errors connecting a VM to its pod network.
 #[derive(Debug, Error)]
