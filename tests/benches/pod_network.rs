@@ -91,52 +91,64 @@ async fn sh(rt: &mut RuntimeServiceClient<Channel>, id: &str, script: &str) -> S
     )
 }
 
-/// MB/s of `mib` MiB from container `from` to `to_ip`:5001, as the
-/// receiver times it from its first byte to the end (on its own clock:
-/// a VM's and the host's are not compared). Busybox's small `nc` quits
-/// at EOF on its stdin, so the listener's stdin is a pipe that stays open.
+/// MB/s of `mib` MiB from container `from` to a listener in pod `to`
+/// (at `to_ip`:5001), as the listener times it from its first byte to
+/// the end, on its own clock (a VM's and the host's are not compared).
+/// The listener is a container of its own, whose log carries the result:
+/// an exec'd background job would outlive its ExecSync. Busybox's small
+/// `nc` quits at EOF on its stdin, so the listener's stdin stays open.
 async fn bulk(
     rt: &mut RuntimeServiceClient<Channel>,
     from: &str,
-    to: &str,
-    to_ip: &str,
+    (to, to_ip): (&str, &str),
     mib: usize,
+    (image, logs, tag): (&str, &Path, &str),
 ) -> Option<f64> {
-    sh(
-        rt,
-        to,
-        "rm -f /tmp/rx; (sleep 600 | nc -l -p 5001 | { dd bs=1 count=1 of=/dev/null 2>/dev/null; \
-         a=$(cut -d' ' -f1 /proc/uptime); n=$(wc -c); b=$(cut -d' ' -f1 /proc/uptime); \
-         echo \"$n $a $b\" > /tmp/rx.tmp; mv /tmp/rx.tmp /tmp/rx; }) > /dev/null 2>&1 < /dev/null &",
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    sh(
-        rt,
-        from,
-        &format!(
-            "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {to_ip} 5001",
-            mib * 16
-        ),
-    )
-    .await;
+    let name = format!("rx-{tag}");
+    let script = "sleep 900 | nc -l -p 5001 | { dd bs=1 count=1 of=/dev/null 2>/dev/null; \
+                  a=$(cut -d' ' -f1 /proc/uptime); n=$(wc -c); b=$(cut -d' ' -f1 /proc/uptime); \
+                  echo \"RX $n $a $b\"; }";
+    let id = create(rt, to, container(&name, image, &["sh", "-c", script]), logs)
+        .await
+        .expect("CreateContainer (listener)");
+    rt.start_container(cri::StartContainerRequest { container_id: id })
+        .await
+        .expect("StartContainer (listener)");
+    // Connect until the listener listens (a VM's takes a while).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let send = format!(
+        "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {to_ip} 5001 && echo SENT",
+        mib * 16
+    );
+    while !sh(rt, from, &send).await.contains("SENT") {
+        if Instant::now() > deadline {
+            eprintln!("{tag}: the listener never answered");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let log = logs.join(&name).join("0.log");
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let out = sh(rt, to, "cat /tmp/rx 2>/dev/null").await;
-        let f: Vec<f64> = out
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        if let [n, a, b] = f[..] {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let rx: Option<Vec<f64>> = text
+            .lines()
+            .find_map(|l| l.split_once("RX "))
+            .map(|(_, r)| {
+                r.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            });
+        if let Some([n, a, b]) = rx.as_deref() {
             // The first byte went to dd; a run too short to time is void.
             if n + 1.0 < (mib << 20) as f64 || b <= a {
-                eprintln!("short or untimed transfer: {out}");
+                eprintln!("{tag}: short or untimed transfer: {text}");
                 return None;
             }
             return Some((n + 1.0) / f64::from(1 << 20) / (b - a));
         }
         if Instant::now() > deadline {
-            eprintln!("the receiver never finished");
+            eprintln!("{tag}: the listener never finished: {text}");
             return None;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -206,7 +218,7 @@ fn main() {
         let (pb, ip_pb, _) = run_pod(&mut rt, "proc-b", "", &logs).await;
         let (vm, ip_vm, t_vm) = run_pod(&mut rt, "vm", "vmcri", &logs).await;
         let ca = box_in(&mut rt, &pa, "a", &image, &logs).await;
-        let cb = box_in(&mut rt, &pb, "b", &image, &logs).await;
+        box_in(&mut rt, &pb, "b", &image, &logs).await;
         let cv = box_in(&mut rt, &vm, "v", &image, &logs).await;
         // httpd comes up in the VM in its own time.
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -215,9 +227,9 @@ fn main() {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
 
-        let pp = bulk(&mut rt, &ca, &cb, &ip_pb, mib).await;
-        let pv = bulk(&mut rt, &ca, &cv, &ip_vm, mib).await;
-        let vp = bulk(&mut rt, &cv, &ca, &ip_pa, mib).await;
+        let pp = bulk(&mut rt, &ca, (&pb, &ip_pb), mib, (&image, &logs, "pp")).await;
+        let pv = bulk(&mut rt, &ca, (&vm, &ip_vm), mib, (&image, &logs, "pv")).await;
+        let vp = bulk(&mut rt, &cv, (&pa, &ip_pa), mib, (&image, &logs, "vp")).await;
         let lp = requests(&mut rt, &ca, &ip_pb).await;
         let lv = requests(&mut rt, &ca, &ip_vm).await;
 
