@@ -183,9 +183,8 @@ async fn serve(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &str, body:
     id
 }
 
-/// The body `GET /` of `ip`:80 gives, from inside container `id` (busybox
-/// `nc`: the image's static wget crashes without the files glibc's
-/// lookups want), retried while httpd comes up.
+/// The body `GET /` of `ip`:80 gives, from inside container `id`, retried
+/// while httpd comes up.
 async fn fetch_in(rt: &mut RuntimeServiceClient<Channel>, id: &str, ip: &str) -> String {
     fetch_in_within(rt, id, ip, Duration::from_secs(20)).await
 }
@@ -199,36 +198,26 @@ async fn fetch_in_within(
     patience: Duration,
 ) -> String {
     let deadline = Instant::now() + patience;
-    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80");
+    let script = http_get("nc", ip, 80);
+    let exec_timeout = i64::try_from(patience.as_secs())
+        .unwrap_or(i64::MAX)
+        .max(10);
     loop {
-        let exec_timeout = i64::try_from(patience.as_secs())
-            .unwrap_or(i64::MAX)
-            .max(10);
         let r = exec(rt, id, &["sh", "-c", &script], exec_timeout)
             .await
             .expect("ExecSync");
-        let out = String::from_utf8_lossy(&r.stdout).to_string();
-        if out.contains(" 200 ") || Instant::now() > deadline {
-            assert!(
-                out.contains(" 200 "),
-                "{ip}: {out} {}",
-                String::from_utf8_lossy(&r.stderr)
-            );
-            // The body follows the headers' blank line.
-            return out
-                .rsplit("\r\n\r\n")
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
+        let out = String::from_utf8_lossy(&r.stdout);
+        if let Some(body) = ok_body(&out) {
+            return body;
         }
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(Instant::now() < deadline, "{ip}: {out} {err}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// The body `GET /` of `addr` (`ip:port`) gives, from the test namespace
-/// (the host's busybox `nc`; its `wget` crashes on non-loopback
-/// addresses), retried while httpd comes up.
+/// (the host's busybox `nc`), retried while httpd comes up.
 async fn fetch_from_ns(ns: &TestNetns, addr: &str) -> String {
     fetch_from_ns_within(ns, addr, Duration::from_secs(20)).await
 }
@@ -238,23 +227,15 @@ async fn fetch_from_ns(ns: &TestNetns, addr: &str) -> String {
 async fn fetch_from_ns_within(ns: &TestNetns, addr: &str, patience: Duration) -> String {
     let deadline = Instant::now() + patience;
     let (ip, port) = addr.rsplit_once(':').expect("ip:port");
-    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip} {port}");
+    let script = http_get("busybox nc", ip, port.parse().expect("a port"));
     loop {
         let out = ns.output(&["sh", "-c", &script]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if text.contains(" 200 ") || Instant::now() > deadline {
-            assert!(
-                text.contains(" 200 "),
-                "{addr}: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return text
-                .rsplit("\r\n\r\n")
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(body) = ok_body(&text) {
+            return body;
         }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(Instant::now() < deadline, "{addr}: {text} {err}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

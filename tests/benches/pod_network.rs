@@ -159,14 +159,10 @@ async fn bulk(
 /// from container `from` to `to_ip`:80.
 async fn requests(rt: &mut RuntimeServiceClient<Channel>, from: &str, to_ip: &str) -> Option<f64> {
     // Warm up (ARP, httpd's first fork).
-    sh(
-        rt,
-        from,
-        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {to_ip} 80"),
-    )
-    .await;
+    sh(rt, from, &http_get("nc", to_ip, 80)).await;
     let script = format!(
-        "i=0; while [ $i -lt {REQUESTS} ]; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {to_ip} 80 | grep -c ' 200 '; i=$((i+1)); done"
+        "i=0; while [ $i -lt {REQUESTS} ]; do {} | grep -c ' 200 '; i=$((i+1)); done",
+        http_get("nc", to_ip, 80)
     );
     let t = Instant::now();
     let out = sh(rt, from, &script).await;
@@ -222,7 +218,7 @@ fn main() {
         let cv = box_in(&mut rt, &vm, "v", &image, &logs).await;
         // httpd comes up in the VM in its own time.
         let deadline = Instant::now() + Duration::from_secs(300);
-        while !sh(&mut rt, &ca, &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip_vm} 80")).await.contains(" 200 ") {
+        while !sh(&mut rt, &ca, &http_get("nc", &ip_vm, 80)).await.contains(" 200 ") {
             assert!(Instant::now() < deadline, "httpd in the VM never answered");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

@@ -178,3 +178,26 @@ pub fn leases(ipam_dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// A shell command that asks `ip`:`port` for `GET /` over HTTP/1.0 with
+/// the `nc` given (busybox's: the static busybox `wget` crashes on
+/// addresses other than loopback, lacking glibc's lookup files).
+pub fn http_get(nc: &str, ip: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {nc} -w 3 {ip} {port}")
+}
+
+/// The body of an HTTP `200` answer (after the headers' blank line),
+/// trimmed; `None` for any other answer.
+pub fn ok_body(answer: &str) -> Option<String> {
+    if !answer.contains(" 200 ") {
+        return None;
+    }
+    Some(
+        answer
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+    )
+}
