@@ -34,12 +34,17 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 }
 
 /// Mounts (mountinfo lines) under `dir` other than the daemon's own
-/// private `<root>/sandboxes` mount, which lives as long as the root.
+/// private `<root>/sandboxes` and `<root>/netns` mounts, which live as
+/// long as the root.
 fn pod_mounts(dir: &Path, root: &Path) -> Vec<String> {
-    let sandboxes = root.join("sandboxes");
+    let own = [root.join("sandboxes"), root.join("netns")];
     mounts_under(dir)
         .into_iter()
-        .filter(|l| l.split(' ').nth(4).map(Path::new) != Some(sandboxes.as_path()))
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_none_or(|m| !own.iter().any(|o| Path::new(m) == o))
+        })
         .collect()
 }
 
