@@ -167,20 +167,13 @@ async fn serve(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &str, body:
     let script = format!(
         "mkdir -p /tmp/www && echo {body} > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www"
     );
-    let id = create(
+    create_started(
         rt,
         pod,
         container(&format!("web-{body}"), &n.image, &["sh", "-c", &script]),
         &n.dir,
     )
     .await
-    .expect("CreateContainer");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
 }
 
 /// The body `GET /` of `ip`:80 gives, from inside container `id`, retried

@@ -28,22 +28,16 @@ fn mib() -> usize {
         .unwrap_or(32)
 }
 
-async fn run_pod(
+/// Runs pod `name` with `handler`: its ID, its IP, and how long
+/// RunPodSandbox took.
+async fn run_timed(
     rt: &mut RuntimeServiceClient<Channel>,
     name: &str,
     handler: &str,
     logs: &Path,
 ) -> (String, String, Duration) {
     let t = Instant::now();
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config(name, logs)),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let id = run_pod_with(rt, name, logs, handler).await;
     let took = t.elapsed();
     let ip = rt
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -69,15 +63,7 @@ async fn box_in(
     logs: &Path,
 ) -> String {
     let script = "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && httpd -p 80 -h /tmp/www && exec sleep 3600";
-    let id = create(rt, pod, container(name, image, &["sh", "-c", script]), logs)
-        .await
-        .expect("CreateContainer");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
+    create_started(rt, pod, container(name, image, &["sh", "-c", script]), logs).await
 }
 
 async fn sh(rt: &mut RuntimeServiceClient<Channel>, id: &str, script: &str) -> String {
@@ -108,12 +94,7 @@ async fn bulk(
     let script = "sleep 900 | nc -l -p 5001 | { dd bs=1 count=1 of=/dev/null 2>/dev/null; \
                   a=$(cut -d' ' -f1 /proc/uptime); n=$(wc -c); b=$(cut -d' ' -f1 /proc/uptime); \
                   echo \"RX $n $a $b\"; }";
-    let id = create(rt, to, container(&name, image, &["sh", "-c", script]), logs)
-        .await
-        .expect("CreateContainer (listener)");
-    rt.start_container(cri::StartContainerRequest { container_id: id })
-        .await
-        .expect("StartContainer (listener)");
+    create_started(rt, to, container(&name, image, &["sh", "-c", script]), logs).await;
     // Connect until the listener listens (a VM's takes a while).
     let deadline = Instant::now() + Duration::from_secs(300);
     let send = format!(
@@ -210,9 +191,9 @@ fn main() {
     rt().block_on(async {
         let (mut rt, mut images) = clients(&daemon).await;
         pull(&mut images, &image).await;
-        let (pa, ip_pa, t_pa) = run_pod(&mut rt, "proc-a", "", &logs).await;
-        let (pb, ip_pb, _) = run_pod(&mut rt, "proc-b", "", &logs).await;
-        let (vm, ip_vm, t_vm) = run_pod(&mut rt, "vm", "vmcri", &logs).await;
+        let (pa, ip_pa, t_pa) = run_timed(&mut rt, "proc-a", "", &logs).await;
+        let (pb, ip_pb, _) = run_timed(&mut rt, "proc-b", "", &logs).await;
+        let (vm, ip_vm, t_vm) = run_timed(&mut rt, "vm", "vmcri", &logs).await;
         let ca = box_in(&mut rt, &pa, "a", &image, &logs).await;
         box_in(&mut rt, &pb, "b", &image, &logs).await;
         let cv = box_in(&mut rt, &vm, "v", &image, &logs).await;

@@ -244,6 +244,24 @@ pub async fn create(
     .map(|r| r.into_inner().container_id)
 }
 
+/// Creates a container in `pod` and starts it; its ID.
+pub async fn create_started(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    config: cri::ContainerConfig,
+    logs: &Path,
+) -> String {
+    let id = create(rt, pod, config, logs)
+        .await
+        .expect("CreateContainer");
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    id
+}
+
 /// ContainerStatus.
 pub async fn cstatus(
     rt: &mut RuntimeServiceClient<Channel>,
