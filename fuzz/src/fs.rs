@@ -155,7 +155,7 @@ struct Guest {
     queues: [DriverQueue; 2],
     // Held so its thread serves the queues while the input runs.
     _dev: FsDevice,
-    notifiers: Vec<EventFd>,
+    notifiers: Vec<Arc<EventFd>>,
     irq: Arc<IrqLine>,
     unique: u64,
     nodes: Vec<u64>,
@@ -363,18 +363,15 @@ pub fn run(data: &[u8]) {
     let mut dev = FsDevice::new("fuzz", &root).expect("virtio-fs device");
     let line = Arc::new(IrqLine::new(5).expect("eventfd"));
     let irq = Arc::new(VirtioInterrupt::new(line.clone()));
-    let notifiers: Vec<EventFd> = (0..2)
-        .map(|_| EventFd::new(EFD_NONBLOCK).expect("eventfd"))
+    let notifiers: Vec<Arc<EventFd>> = (0..2)
+        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")))
         .collect();
     dev.activate(
         mem.clone(),
         VIRTIO_F_VERSION_1,
         queues.iter().map(DriverQueue::device_queue).collect(),
         irq,
-        notifiers
-            .iter()
-            .map(|n| n.try_clone().expect("eventfd"))
-            .collect(),
+        notifiers.clone(),
     )
     .expect("activate");
     let mut guest = Guest {

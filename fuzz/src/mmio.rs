@@ -50,7 +50,7 @@ struct ProbeState {
     mem: Option<GuestMemoryMmap>,
     interrupt: Option<Arc<VirtioInterrupt>>,
     /// The queue notifiers the transport handed over.
-    notifiers: Vec<EventFd>,
+    notifiers: Vec<Arc<EventFd>>,
     /// The next activation fails, as a device's may.
     refuse: bool,
     config: [u8; 8],
@@ -97,7 +97,7 @@ impl VirtioDevice for Probe {
         features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError> {
         let mut st = self.state();
         assert!(!st.active, "activated twice without a reset");

@@ -194,6 +194,7 @@ const EPOLL: &[i64] = &[
 /// checks fds it takes ownership of with F_GETFD (debug builds), when
 /// the loop's eventfds and epoll are dropped here.
 const NET: &[i64] = &[
+    libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -289,13 +290,13 @@ const KVM_GET_REGS: u64 = 0x8090_ae81;
 /// TUNSETOFFLOAD: the net thread sets the offloads its driver acked.
 const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 /// FIONBIO: a socket made non-blocking (the vsock listener, when the
-/// driver activates the device from a vCPU thread).
+/// vsock thread sets the device up for its driver).
 const FIONBIO: u64 = 0x5421;
 
 /// The ioctls each role may make; nothing that changes the VM's layout.
 fn ioctls(role: Role) -> &'static [u64] {
     match role {
-        Role::Vcpu => &[KVM_RUN, KVM_GET_REGS, FIONBIO],
+        Role::Vcpu => &[KVM_RUN, KVM_GET_REGS],
         Role::Vsock => &[FIONBIO],
         Role::Net => &[TUNSETOFFLOAD],
         Role::Device | Role::Fs | Role::Main => &[],
@@ -311,12 +312,10 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
     };
     allow(COMMON);
     match role {
-        Role::Vcpu => {
-            // Activating a device (an MMIO write) hands it eventfd clones
-            // and, for vsock, builds the muxer's epoll set.
-            allow(EPOLL);
-            allow(&[libc::SYS_dup]);
-        }
+        // Activating a device (an MMIO write) only hands it shared
+        // eventfds and waits while the device's own thread sets up its
+        // epoll set and sockets (devices::thread): nothing beyond COMMON.
+        Role::Vcpu => {}
         Role::Device => allow(EPOLL),
         Role::Vsock => {
             allow(EPOLL);
@@ -508,5 +507,29 @@ mod tests {
             }
         });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
+
+    #[test]
+    fn a_vcpu_thread_sets_nothing_up_itself_no_epoll_dup_or_fionbio() {
+        let refused: [fn(); 3] = [
+            || {
+                // SAFETY: epoll_create1 with no flags; the filter stops it.
+                unsafe { libc::epoll_create1(0) };
+            },
+            || {
+                // SAFETY: dup of stdin; the filter stops it.
+                unsafe { libc::dup(0) };
+            },
+            || {
+                let mut on: libc::c_int = 1;
+                // SAFETY: FIONBIO on stdin with a local; the filter stops it.
+                unsafe { libc::ioctl(0, libc::FIONBIO, &mut on) };
+            },
+        ];
+        for f in refused {
+            let status = in_child(Role::Vcpu, f);
+            assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+            assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        }
     }
 }

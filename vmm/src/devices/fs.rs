@@ -289,7 +289,7 @@ impl VirtioDevice for FsDevice {
         _features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError> {
         let fs_mem = bridge_memory(&mem)?;
         let queues = queues
@@ -336,7 +336,7 @@ mod tests {
     struct Harness {
         // Held so its thread serves the queue until the harness is dropped.
         _dev: FsDevice,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
         mem: GuestMemoryMmap,
         queue: MockSplitQueue<'static, GuestMemoryMmap>,
         unique: u64,
@@ -372,8 +372,8 @@ mod tests {
             let mut dev = FsDevice::new("shared", dir.path()).unwrap();
             let irq = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
             let hiprio = MockSplitQueue::create(mem, GuestAddress(0x10_0000), QUEUE_SIZE);
-            let notifiers: Vec<EventFd> = (0..2)
-                .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+            let notifiers: Vec<Arc<EventFd>> = (0..2)
+                .map(|_| Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()))
                 .collect();
             dev.activate(
                 mem.clone(),
@@ -383,7 +383,7 @@ mod tests {
                     queue.create_queue().unwrap(),
                 ],
                 irq,
-                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
+                notifiers.clone(),
             )
             .unwrap();
             let mut h = Harness {

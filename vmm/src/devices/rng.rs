@@ -108,7 +108,7 @@ impl VirtioDevice for Rng {
         _features: u64,
         mut queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError> {
         let queue = queues
             .drain(..)
@@ -157,13 +157,13 @@ mod tests {
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
         let mut rng = Rng::new().unwrap();
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let notifier = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         rng.activate(
             mem.clone(),
             VIRTIO_F_VERSION_1,
             vec![queue],
             interrupt.clone(),
-            vec![notifier.try_clone().unwrap()],
+            vec![notifier.clone()],
         )
         .unwrap();
         notifier.write(1).unwrap();
@@ -211,7 +211,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let notifier = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let mut rng = Rng::new().unwrap();
         rng.activate(
             mem.clone(),

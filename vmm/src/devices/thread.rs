@@ -11,11 +11,17 @@
 //! spawned there would be held to the vCPU's allowlist as well as its own.
 //! A device thread waits for work: activation hands it a job (the device's
 //! queue loop), which runs until the device is reset.
+//!
+//! Whatever activation sets up (epoll sets, non-blocking sockets, the
+//! vsock muxer) is set up on the device's thread too, by
+//! [`DeviceThread::start`], while the vCPU waits for the verdict: the
+//! vCPU's allowlist then holds no epoll, dup or ioctl beyond KVM's own.
 
 use crate::seccomp::{self, Role};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -77,20 +83,53 @@ impl DeviceThread {
         }
     }
 
+    /// Runs `setup` on the thread (after any job before it has ended) and
+    /// waits for it: its error is returned here. If it succeeded, `work`
+    /// then runs on the thread with what it made, and the task waits for
+    /// `work`'s end.
+    pub fn start<S: 'static, T: Send + 'static>(
+        &self,
+        setup: impl FnOnce() -> io::Result<S> + Send + 'static,
+        work: impl FnOnce(S) -> T + Send + 'static,
+    ) -> io::Result<Task<T>> {
+        let (verdict_tx, verdict) = mpsc::channel();
+        let (tx, result) = mpsc::channel();
+        self.send(Box::new(move || match setup() {
+            Ok(made) => {
+                let _ = verdict_tx.send(Ok(()));
+                let _ = tx.send(work(made));
+            }
+            Err(e) => {
+                let _ = verdict_tx.send(Err(e));
+            }
+        }))?;
+        match verdict.recv() {
+            Ok(Ok(())) => Ok(Task { result }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::other(format!(
+                "device thread {}: setup panicked",
+                self.name
+            ))),
+        }
+    }
+
     /// Runs `job` on the thread, after any job before it has ended.
     pub fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> io::Result<Task<T>> {
         let (tx, result) = mpsc::channel();
-        let job: Job = Box::new(move || {
+        self.send(Box::new(move || {
             let _ = tx.send(job());
-        });
+        }))?;
+        Ok(Task { result })
+    }
+
+    fn send(&self, job: Job) -> io::Result<()> {
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| io::Error::other(format!("device thread {} has ended", self.name)))?;
-        Ok(Task { result })
+            .ok_or_else(|| io::Error::other(format!("device thread {} has ended", self.name)))
     }
 }
 
@@ -109,17 +148,10 @@ impl Drop for DeviceThread {
 /// The epoll token of the stop eventfd in [`serve_queues`].
 const STOP_TOKEN: u64 = u64::MAX;
 
-/// Calls `notify(i)` whenever the driver notifies queue `i` (its eventfd,
-/// `notifiers[i]`, fires), until `stop` fires. Every queue is served once
-/// at the start: the driver may have queued buffers before the first
-/// notification reached us.
-pub fn serve_queues(
-    notifiers: &[EventFd],
-    stop: &EventFd,
-    mut notify: impl FnMut(u16),
-) -> io::Result<()> {
+/// An epoll set over the queue `notifiers` (token: the queue index) and
+/// `stop`, for [`serve_queues`].
+pub fn queue_epoll(notifiers: &[Arc<EventFd>], stop: &EventFd) -> io::Result<Epoll> {
     let epoll = Epoll::new()?;
-    let mut indices = Vec::with_capacity(notifiers.len());
     for (i, n) in notifiers.iter().enumerate() {
         let index = u16::try_from(i).map_err(|_| io::Error::other("too many queues"))?;
         epoll.ctl(
@@ -127,15 +159,29 @@ pub fn serve_queues(
             n.as_raw_fd(),
             EpollEvent::new(EventSet::IN, u64::from(index)),
         )?;
-        indices.push(index);
     }
     epoll.ctl(
         ControlOperation::Add,
         stop.as_raw_fd(),
         EpollEvent::new(EventSet::IN, STOP_TOKEN),
     )?;
-    for &i in &indices {
-        notify(i);
+    Ok(epoll)
+}
+
+/// Calls `notify(i)` whenever the driver notifies queue `i` (its eventfd,
+/// `notifiers[i]`, fires), until `stop` fires; `epoll` is
+/// [`queue_epoll`]'s. Every queue is served once at the start: the driver
+/// may have queued buffers before the first notification reached us.
+pub fn serve_queues(
+    epoll: &Epoll,
+    notifiers: &[Arc<EventFd>],
+    stop: &EventFd,
+    mut notify: impl FnMut(u16),
+) -> io::Result<()> {
+    for i in 0..notifiers.len() {
+        if let Ok(index) = u16::try_from(i) {
+            notify(index);
+        }
     }
     let mut events = vec![EpollEvent::default(); notifiers.len() + 1];
     loop {
@@ -166,7 +212,7 @@ pub fn serve_queues(
 /// A device's queue loop running on its thread, and the eventfd that ends
 /// it.
 pub struct QueueWorker {
-    stop: EventFd,
+    stop: Arc<EventFd>,
     task: Option<Task<io::Result<()>>>,
 }
 
@@ -174,28 +220,34 @@ impl QueueWorker {
     /// A worker that is not running.
     pub fn new() -> io::Result<QueueWorker> {
         Ok(QueueWorker {
-            stop: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            stop: Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?),
             task: None,
         })
     }
 
-    /// Runs [`serve_queues`] on `thread` with `notify`, until [`Self::stop`].
+    /// Runs [`serve_queues`] on `thread` with `notify`, until [`Self::stop`];
+    /// its epoll set is made there first, and its failure returned here.
     pub fn start(
         &mut self,
         thread: &DeviceThread,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
         mut notify: impl FnMut(u16) + Send + 'static,
     ) -> io::Result<()> {
         self.stop();
-        let stop = self.stop.try_clone()?;
+        let stop = self.stop.clone();
         let name = thread.name.clone();
-        self.task = Some(thread.run(move || {
-            let result = serve_queues(&notifiers, &stop, &mut notify);
-            if let Err(e) = &result {
-                tracing::error!(thread = %name, error = %e, "device queue loop failed");
-            }
-            result
-        })?);
+        let setup_stop = stop.clone();
+        let task = thread.start(
+            move || Ok((queue_epoll(&notifiers, &setup_stop)?, notifiers)),
+            move |(epoll, notifiers)| {
+                let result = serve_queues(&epoll, &notifiers, &stop, &mut notify);
+                if let Err(e) = &result {
+                    tracing::error!(thread = %name, error = %e, "device queue loop failed");
+                }
+                result
+            },
+        )?;
+        self.task = Some(task);
         Ok(())
     }
 
@@ -219,7 +271,7 @@ impl Drop for QueueWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     use std::time::{Duration, Instant};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -245,18 +297,16 @@ mod tests {
     #[test]
     fn notifications_reach_the_queue_loop_until_it_is_stopped() {
         let thread = DeviceThread::spawn("test-q", Role::Device).unwrap();
-        let notifiers: Vec<EventFd> = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        let notifiers: Vec<Arc<EventFd>> = (0..2)
+            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
             .collect();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut worker = QueueWorker::new().unwrap();
         let log = seen.clone();
         worker
-            .start(
-                &thread,
-                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
-                move |i| log.lock().unwrap().push(i),
-            )
+            .start(&thread, notifiers.clone(), move |i| {
+                log.lock().unwrap().push(i)
+            })
             .unwrap();
         wait_for("the initial pass", || seen.lock().unwrap().len() == 2);
         notifiers[1].write(1).unwrap();
@@ -273,12 +323,34 @@ mod tests {
         // The thread takes the next job.
         let log = seen.clone();
         worker
-            .start(
-                &thread,
-                notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
-                move |i| log.lock().unwrap().push(i),
-            )
+            .start(&thread, notifiers.clone(), move |i| {
+                log.lock().unwrap().push(i)
+            })
             .unwrap();
         wait_for("a restarted loop", || seen.lock().unwrap().len() >= 5);
+    }
+
+    #[test]
+    fn setup_runs_on_the_thread_and_its_error_comes_back_to_the_caller() {
+        let t = DeviceThread::spawn("test-setup", Role::Device).unwrap();
+        let err = t
+            .start(
+                || -> io::Result<()> { Err(io::Error::other("no epoll today")) },
+                |()| 1,
+            )
+            .err()
+            .expect("the setup's error");
+        assert!(err.to_string().contains("no epoll today"), "{err}");
+        // The thread survives a failed setup and takes the next job; what
+        // setup made reaches the work, both on the device's thread.
+        let task = t
+            .start(
+                || Ok(std::thread::current().name().map(str::to_string)),
+                |made| (made, std::thread::current().name().map(str::to_string)),
+            )
+            .unwrap();
+        let (setup_on, work_on) = task.join().unwrap();
+        assert_eq!(setup_on.as_deref(), Some("test-setup"));
+        assert_eq!(work_on.as_deref(), Some("test-setup"));
     }
 }

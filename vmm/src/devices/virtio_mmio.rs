@@ -159,14 +159,16 @@ pub trait VirtioDevice: Send {
     /// Starts the device with the negotiated features and the driver's
     /// queues. `notifiers[i]` fires whenever the driver notifies queue `i`
     /// (through an ioeventfd, without a VM exit to us); the device serves
-    /// its queues on a thread of its own, never on the caller's (a vCPU).
+    /// its queues on a thread of its own, never on the caller's (a vCPU),
+    /// and sets up there what its loop needs (epoll sets, sockets): the
+    /// vCPU's seccomp allowlist has none of those calls.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError>;
     /// Returns the device to its initial state: its queue work has
     /// stopped and the queues are dropped when this returns.
@@ -179,7 +181,9 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<VirtioInterrupt>,
     queues: Vec<Queue>,
-    notifiers: Vec<EventFd>,
+    /// Shared with the active device: handing them over must not dup
+    /// them on the vCPU thread.
+    notifiers: Vec<Arc<EventFd>>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -199,7 +203,7 @@ impl MmioTransport {
         let queues = Self::fresh_queues(device.as_ref());
         let notifiers = queues
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<io::Result<_>>()?;
         Ok(MmioTransport {
             device,
@@ -220,7 +224,7 @@ impl MmioTransport {
     /// Queue `i`'s notification eventfd: the VM registers it as an
     /// ioeventfd on [`reg::QUEUE_NOTIFY`] with datamatch `i`, so a notify
     /// wakes the device's thread without an exit to the vCPU thread.
-    pub fn notifiers(&self) -> &[EventFd] {
+    pub fn notifiers(&self) -> &[Arc<EventFd>] {
         &self.notifiers
     }
 
@@ -306,12 +310,7 @@ impl MmioTransport {
             }
             q.set_event_idx(event_idx);
         }
-        let notifiers = self
-            .notifiers
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| ActivateError::Device(format!("queue notifier: {e}")))?;
+        let notifiers = self.notifiers.clone();
         let queues = std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
         self.device.activate(
             self.mem.clone(),
@@ -452,7 +451,7 @@ mod tests {
     #[derive(Default)]
     struct Log {
         activations: Vec<(u64, usize)>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
         resets: usize,
     }
 
@@ -477,7 +476,7 @@ mod tests {
             features: u64,
             queues: Vec<Queue>,
             _interrupt: Arc<VirtioInterrupt>,
-            notifiers: Vec<EventFd>,
+            notifiers: Vec<Arc<EventFd>>,
         ) -> Result<(), ActivateError> {
             let mut log = self.0.lock().unwrap();
             log.activations.push((features, queues.len()));

@@ -34,7 +34,7 @@ pub struct Net {
     mac: MacAddr,
     mtu: Option<u16>,
     tap: Arc<Tap>,
-    stop: EventFd,
+    stop: Arc<EventFd>,
     thread: DeviceThread,
     worker: Option<Task<()>>,
 }
@@ -47,7 +47,7 @@ impl Net {
             mac,
             mtu,
             tap,
-            stop: EventFd::new(EFD_NONBLOCK)?,
+            stop: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             thread: DeviceThread::spawn("net", Role::Net)?,
             worker: None,
         })
@@ -84,7 +84,7 @@ struct Worker {
     queues: NetQueues,
     features: u64,
     epoll: Epoll,
-    notifiers: Vec<EventFd>,
+    notifiers: Vec<Arc<EventFd>>,
     interrupt: Arc<VirtioInterrupt>,
     tap_armed: bool,
 }
@@ -200,7 +200,7 @@ impl VirtioDevice for Net {
         features: u64,
         mut queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError> {
         let device_err = |e: io::Error| ActivateError::Device(e.to_string());
         if queues.len() != 2 || notifiers.len() != 2 {
@@ -214,33 +214,33 @@ impl VirtioDevice for Net {
         self.stop_worker();
         let tx = queues.remove(TX);
         let rx = queues.remove(RX);
-        // The epoll set is built here, on the vCPU thread, whose role has
-        // the epoll calls already; the net thread only waits on it and
-        // adds or removes the tap.
-        let epoll = Epoll::new().map_err(device_err)?;
-        let fds = [
-            (notifiers[RX].as_raw_fd(), RX_TOKEN),
-            (notifiers[TX].as_raw_fd(), TX_TOKEN),
-            (self.stop.as_raw_fd(), STOP_TOKEN),
-        ];
-        for (fd, token) in fds {
-            epoll
-                .ctl(
+        let (tap, stop) = (self.tap.clone(), self.stop.clone());
+        // The epoll set is built on the net thread, whose role has the
+        // epoll calls; the vCPU's has none.
+        let setup = move || {
+            let epoll = Epoll::new()?;
+            let fds = [
+                (notifiers[RX].as_raw_fd(), RX_TOKEN),
+                (notifiers[TX].as_raw_fd(), TX_TOKEN),
+                (stop.as_raw_fd(), STOP_TOKEN),
+            ];
+            for (fd, token) in fds {
+                epoll.ctl(
                     ControlOperation::Add,
                     fd,
                     EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(device_err)?;
-        }
-        let worker = Worker {
-            queues: NetQueues::new(mem, rx, tx, self.tap.clone(), features),
-            features,
-            epoll,
-            notifiers,
-            interrupt,
-            tap_armed: false,
+                )?;
+            }
+            Ok(Worker {
+                queues: NetQueues::new(mem, rx, tx, tap, features),
+                features,
+                epoll,
+                notifiers,
+                interrupt,
+                tap_armed: false,
+            })
         };
-        self.worker = Some(self.thread.run(move || worker.run()).map_err(device_err)?);
+        self.worker = Some(self.thread.start(setup, Worker::run).map_err(device_err)?);
         Ok(())
     }
 

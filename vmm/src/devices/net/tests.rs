@@ -415,8 +415,8 @@ fn the_net_thread_serves_both_queues_under_its_seccomp_role() {
     let (mut net, peer) = device(None);
     let (rx, tx) = g.queues();
     let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqLine::new(5).unwrap())));
-    let notifiers: Vec<EventFd> = (0..2)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+    let notifiers: Vec<Arc<EventFd>> = (0..2)
+        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
         .collect();
     let features = net.features();
     net.activate(
@@ -424,7 +424,7 @@ fn the_net_thread_serves_both_queues_under_its_seccomp_role() {
         features,
         vec![rx, tx],
         interrupt.clone(),
-        notifiers.iter().map(|n| n.try_clone().unwrap()).collect(),
+        notifiers.clone(),
     )
     .unwrap();
     let out = frame(800, 5);

@@ -114,7 +114,7 @@ struct Worker {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     interrupt: Arc<VirtioInterrupt>,
-    notifiers: Vec<EventFd>,
+    notifiers: Vec<Arc<EventFd>>,
 }
 
 impl Worker {
@@ -229,7 +229,7 @@ impl VirtioDevice for Vsock {
         _features: u64,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-        notifiers: Vec<EventFd>,
+        notifiers: Vec<Arc<EventFd>>,
     ) -> Result<(), ActivateError> {
         for (i, q) in queues.iter().enumerate().take(EVENT + 1) {
             if !q.ready() {
@@ -240,32 +240,33 @@ impl VirtioDevice for Vsock {
             .listener
             .take()
             .ok_or_else(|| ActivateError::Device("vsock listener unavailable".into()))?;
-        let muxer = Muxer::new(self.guest_cid, &self.uds_path, listener)
-            .map_err(|e| ActivateError::Device(e.to_string()))?;
-        let mut fds = vec![(self.stop.as_raw_fd(), STOP_TOKEN)];
-        for (i, n) in notifiers.iter().enumerate() {
-            fds.push((n.as_raw_fd(), NOTIFY_TOKEN - i as u64));
-        }
-        for (fd, token) in fds {
-            muxer
-                .epoll()
-                .ctl(
+        let (cid, uds_path, stop) = (self.guest_cid, self.uds_path.clone(), self.stop.clone());
+        // The muxer (its epoll set, the listener made non-blocking) is
+        // built on the vsock thread, whose role has those calls.
+        let setup = move || {
+            let muxer = Muxer::new(cid, &uds_path, listener)?;
+            let mut fds = vec![(stop.as_raw_fd(), STOP_TOKEN)];
+            for (i, n) in notifiers.iter().enumerate() {
+                fds.push((n.as_raw_fd(), NOTIFY_TOKEN - i as u64));
+            }
+            for (fd, token) in fds {
+                muxer.epoll().ctl(
                     ControlOperation::Add,
                     fd,
                     EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| ActivateError::Device(e.to_string()))?;
-        }
-        let worker = Worker {
-            muxer,
-            mem,
-            queues,
-            interrupt,
-            notifiers,
+                )?;
+            }
+            Ok(Worker {
+                muxer,
+                mem,
+                queues,
+                interrupt,
+                notifiers,
+            })
         };
         let task = self
             .thread
-            .run(move || worker.run())
+            .start(setup, Worker::run)
             .map_err(|e| ActivateError::Device(e.to_string()))?;
         self.worker = Some(task);
         Ok(())
