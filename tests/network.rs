@@ -18,6 +18,7 @@ use tonic::Code;
 use vmcri_tests::network::*;
 use vmcri_tests::pods::*;
 use vmcri_tests::registry::{busybox_layout, push, start_registry, Entry, Registry};
+use vmcri_tests::streams::spdy_forward;
 use vmcri_tests::{artifacts, Daemon, Scratch};
 
 /// A daemon in a test namespace, with the web image in a registry it
@@ -233,6 +234,34 @@ async fn fetch_from_ns_within(ns: &TestNetns, addr: &str, patience: Duration) ->
     }
 }
 
+/// The body `GET /` of port 80 in pod `pod` gives through CRI
+/// PortForward (SPDY, as kubectl port-forward), from the test's side of
+/// a loopback forwarder into the daemon's namespace.
+async fn fetch_forwarded(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &str) -> String {
+    let url = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![80],
+        })
+        .await
+        .expect("PortForward")
+        .into_inner()
+        .url;
+    let (head, rest) = url
+        .strip_prefix("http://127.0.0.1:")
+        .map(|r| ("http://127.0.0.1:", r))
+        .expect("a streaming URL on loopback");
+    let (port, path) = rest.split_once('/').expect("a port and a path");
+    let local = n.ns.forward_into(port.parse().expect("a port"));
+    let url = format!("{head}{local}/{path}");
+    let get = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+    let r = spdy_forward(&url, &[(80, get)])
+        .await
+        .expect("port-forward over SPDY");
+    let text = String::from_utf8_lossy(&r[0].data).into_owned();
+    ok_body(&text).unwrap_or_else(|| panic!("port-forward to {pod}:80: {text} {}", r[0].error))
+}
+
 async fn stop_and_remove(rt: &mut RuntimeServiceClient<Channel>, id: &str) {
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: id.into(),
@@ -296,6 +325,8 @@ fn pods_get_ips_reach_each_other_and_leave_nothing() {
         assert_eq!(fetch_from_ns(&n.ns, &format!("{ip_b}:80")).await, "pod-b");
         // The hostPort, on the namespace's bridge address.
         assert_eq!(fetch_from_ns(&n.ns, "10.244.71.1:18080").await, "pod-a");
+        // Port-forward reaches the pod's own localhost in its netns.
+        assert_eq!(fetch_forwarded(&mut rt, &n, &b).await, "pod-b");
         assert_eq!(leases(&n.ipam_dir).len(), 2);
 
         rt.stop_container(cri::StopContainerRequest {
@@ -590,6 +621,9 @@ fn microvm_pods_share_the_bridge_with_process_pods_and_leave_nothing() {
             fetch_from_ns_within(&n.ns, "10.244.72.1:18081", patience).await,
             "vm-a"
         );
+        // Port-forward goes through the agent to the guest's localhost,
+        // beside the pod network.
+        assert_eq!(fetch_forwarded(&mut rt, &n, &b).await, "vm-b");
 
         for pod in [&a, &b, &p] {
             stop_and_remove(&mut rt, pod).await;

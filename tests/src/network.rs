@@ -102,6 +102,32 @@ impl TestNetns {
     }
 }
 
+impl TestNetns {
+    /// A port on the test's own loopback that reaches `127.0.0.1:<port>`
+    /// in the namespace (a daemon's streaming server there), for as long
+    /// as the process runs: loopback to loopback, nothing else.
+    pub fn forward_into(&self, port: u16) -> u16 {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("listen on loopback");
+        let local = listener.local_addr().expect("the listener's port").port();
+        let path = self.path();
+        // The listener was made here, so what it accepts is the test's;
+        // the sockets this thread makes after setns are the namespace's.
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the test netns");
+            // SAFETY: setns on an open namespace fd, for this thread only.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            for conn in listener.incoming().flatten() {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", port)) else {
+                    continue;
+                };
+                pipe(conn, upstream);
+            }
+        });
+        local
+    }
+}
+
 fn pipe(a: TcpStream, b: TcpStream) {
     let copy = |mut from: TcpStream, mut to: TcpStream| {
         std::thread::spawn(move || {
