@@ -15,9 +15,9 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
+use vmcri_tests::containerd::{ensure_containerd, start_containerd};
 use vmcri_tests::registry::{busybox_layout, layout_layers, push, start_registry, Entry};
 use vmcri_tests::streams::{spdy_exec, spdy_forward, ExecIo};
 use vmcri_tests::{artifacts, unix_channel, Daemon, Scratch};
@@ -37,19 +37,6 @@ fn arg(name: &str, default: usize) -> usize {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn ensure_containerd() {
-    if Command::new("containerd").arg("--version").output().is_ok() {
-        return;
-    }
-    eprintln!("installing containerd and runc (Debian packages)");
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-q", "containerd", "runc"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "apt-get install containerd runc failed");
 }
 
 /// An image of LAYERS layers of incompressible data, unique to `seed`.
@@ -75,66 +62,6 @@ fn multi_layer(dir: &Path, seed: usize) -> PathBuf {
         .collect();
     let refs: Vec<&[Entry]> = layers.iter().map(Vec::as_slice).collect();
     layout_layers(dir, &refs, r#"{"Cmd":["true"]}"#)
-}
-
-struct Containerd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_containerd(dir: &Path, registry: u16) -> Containerd {
-    let base = dir.join("ctrd");
-    for d in ["root", "state", "cni-conf", "cni-bin"] {
-        std::fs::create_dir_all(base.join(d)).unwrap();
-    }
-    let socket = base.join("containerd.sock");
-    let config = base.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{socket}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "127.0.0.1:{registry}/pause:v1"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cnibin}"
-    conf_dir = "{cniconf}"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."127.0.0.1:{registry}"]
-    endpoint = ["http://127.0.0.1:{registry}"]
-"#,
-            root = base.join("root").display(),
-            state = base.join("state").display(),
-            socket = socket.display(),
-            cnibin = base.join("cni-bin").display(),
-            cniconf = base.join("cni-conf").display(),
-        ),
-    )
-    .unwrap();
-    let child = Command::new("containerd")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(base.join("containerd.log")).unwrap())
-        .spawn()
-        .expect("start containerd");
-    for _ in 0..200 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Containerd { child, socket }
 }
 
 struct Cri {
@@ -457,7 +384,7 @@ fn main() {
             a.vmm.display()
         ),
     );
-    let ctrd = start_containerd(&scratch.0, port);
+    let ctrd = start_containerd(&scratch.0, port, None);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

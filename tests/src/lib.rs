@@ -7,6 +7,7 @@
 //! builds what is missing itself, in `target/e2e` so it never waits on the
 //! lock of the `cargo test` that runs it.
 
+pub mod containerd;
 pub mod kubelet;
 pub mod network;
 pub mod pods;
@@ -68,6 +69,18 @@ fn cargo_build(args: &[&str], static_crt: bool) -> Result<()> {
         bail!("{cmd:?} failed");
     }
     Ok(())
+}
+
+/// Builds `package` (a workspace package whose binary has its name) as a
+/// static program for inside pods and guests, into `target/e2e`; its path.
+pub fn static_program(package: &str) -> Result<PathBuf> {
+    cargo_build(
+        &["-p", package, "--target", "x86_64-unknown-linux-gnu"],
+        true,
+    )?;
+    Ok(repo_root()
+        .join("target/e2e/x86_64-unknown-linux-gnu/release")
+        .join(package))
 }
 
 fn from_env_or(var: &str, build: impl FnOnce() -> Result<PathBuf>) -> Result<PathBuf> {
