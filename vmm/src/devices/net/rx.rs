@@ -136,9 +136,14 @@ pub fn deliver(
     for chain in chains {
         let mut written = 0usize;
         for (addr, piece) in chain.pieces {
+            if off == len {
+                break;
+            }
+            // A zero-length descriptor holds nothing: skip it, do not end
+            // the frame there (that delivered a frame cut short).
             let n = piece.min(len - off);
             if n == 0 {
-                break;
+                continue;
             }
             // Checked in rx_chain; guest memory does not shrink.
             if mem.write_slice(&frame[off..off + n], addr).is_err() {
