@@ -262,6 +262,34 @@ async fn fetch_forwarded(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &
     ok_body(&text).unwrap_or_else(|| panic!("port-forward to {pod}:80: {text} {}", r[0].error))
 }
 
+/// Kills pod `id`'s sandbox process (a process pod's agent, a microVM
+/// pod's VMM) with SIGKILL and waits until the pod is NOTREADY; the
+/// pod's verbose info, read before.
+async fn kill_sandbox_process(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> serde_json::Value {
+    let verbose = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(&verbose.info["info"]).expect("verbose info");
+    let pid = i32::try_from(info["pid"].as_i64().expect("a pid")).expect("a pid");
+    // SAFETY: kill(2) of the sandbox process of a pod this test made.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pod_status(rt, id).await.state != cri::PodSandboxState::SandboxNotready as i32 {
+        assert!(Instant::now() < deadline, "pod {id} is still ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info
+}
+
 async fn stop_and_remove(rt: &mut RuntimeServiceClient<Channel>, id: &str) {
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: id.into(),
@@ -339,24 +367,8 @@ fn pods_get_ips_reach_each_other_and_leave_nothing() {
         assert_eq!(leases(&n.ipam_dir).len(), 1);
 
         // Pod b's agent dies: its stop still releases its network.
-        let verbose = rt
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: b.clone(),
-                verbose: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let info: serde_json::Value = serde_json::from_str(&verbose.info["info"]).unwrap();
+        let info = kill_sandbox_process(&mut rt, &b).await;
         assert_eq!(info["network"]["ips"][0]["address"], format!("{ip_b}/24"));
-        let pid = i32::try_from(info["pid"].as_i64().unwrap()).unwrap();
-        // SAFETY: kill(2) of the agent of the pod this test made.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pod_status(&mut rt, &b).await.state != cri::PodSandboxState::SandboxNotready as i32 {
-            assert!(Instant::now() < deadline, "pod b is still ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         stop_and_remove(&mut rt, &b).await;
         n.assert_clean();
         // The hostPort's rules went with the pod.
@@ -624,6 +636,9 @@ fn microvm_pods_share_the_bridge_with_process_pods_and_leave_nothing() {
         // Port-forward goes through the agent to the guest's localhost,
         // beside the pod network.
         assert_eq!(fetch_forwarded(&mut rt, &n, &b).await, "vm-b");
+        // vm-b's VMM dies: its stop still runs DEL (assert_clean below
+        // finds its lease, netns and veth gone).
+        kill_sandbox_process(&mut rt, &b).await;
 
         for pod in [&a, &b, &p] {
             stop_and_remove(&mut rt, pod).await;
