@@ -247,13 +247,13 @@ async fn fetch_forwarded(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &
         .expect("PortForward")
         .into_inner()
         .url;
-    let (head, rest) = url
-        .strip_prefix("http://127.0.0.1:")
-        .map(|r| ("http://127.0.0.1:", r))
-        .expect("a streaming URL on loopback");
-    let (port, path) = rest.split_once('/').expect("a port and a path");
+    const LOOPBACK: &str = "http://127.0.0.1:";
+    let (port, path) = url
+        .strip_prefix(LOOPBACK)
+        .and_then(|rest| rest.split_once('/'))
+        .expect("a streaming URL on loopback, with a port and a path");
     let local = n.ns.forward_into(port.parse().expect("a port"));
-    let url = format!("{head}{local}/{path}");
+    let url = format!("{LOOPBACK}{local}/{path}");
     let get = b"GET / HTTP/1.0\r\n\r\n".to_vec();
     let r = spdy_forward(&url, &[(80, get)])
         .await
@@ -263,11 +263,12 @@ async fn fetch_forwarded(rt: &mut RuntimeServiceClient<Channel>, n: &Net, pod: &
 }
 
 /// Kills pod `id`'s sandbox process (a process pod's agent, a microVM
-/// pod's VMM) with SIGKILL and waits until the pod is NOTREADY; the
-/// pod's verbose info, read before.
+/// pod's VMM) with SIGKILL and waits up to `patience` until the pod is
+/// NOTREADY; the pod's verbose info, read before.
 async fn kill_sandbox_process(
     rt: &mut RuntimeServiceClient<Channel>,
     id: &str,
+    patience: Duration,
 ) -> serde_json::Value {
     let verbose = rt
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -282,7 +283,7 @@ async fn kill_sandbox_process(
     let pid = i32::try_from(info["pid"].as_i64().expect("a pid")).expect("a pid");
     // SAFETY: kill(2) of the sandbox process of a pod this test made.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience;
     while pod_status(rt, id).await.state != cri::PodSandboxState::SandboxNotready as i32 {
         assert!(Instant::now() < deadline, "pod {id} is still ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -367,7 +368,7 @@ fn pods_get_ips_reach_each_other_and_leave_nothing() {
         assert_eq!(leases(&n.ipam_dir).len(), 1);
 
         // Pod b's agent dies: its stop still releases its network.
-        let info = kill_sandbox_process(&mut rt, &b).await;
+        let info = kill_sandbox_process(&mut rt, &b, Duration::from_secs(10)).await;
         assert_eq!(info["network"]["ips"][0]["address"], format!("{ip_b}/24"));
         stop_and_remove(&mut rt, &b).await;
         n.assert_clean();
@@ -638,7 +639,7 @@ fn microvm_pods_share_the_bridge_with_process_pods_and_leave_nothing() {
         assert_eq!(fetch_forwarded(&mut rt, &n, &b).await, "vm-b");
         // vm-b's VMM dies: its stop still runs DEL (assert_clean below
         // finds its lease, netns and veth gone).
-        kill_sandbox_process(&mut rt, &b).await;
+        kill_sandbox_process(&mut rt, &b, Duration::from_secs(60)).await;
 
         for pod in [&a, &b, &p] {
             stop_and_remove(&mut rt, pod).await;

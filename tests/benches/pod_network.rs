@@ -226,6 +226,20 @@ async fn pings(rt: &mut RuntimeServiceClient<Channel>, from: &str, to_ip: &str) 
     ms
 }
 
+/// Both request latencies from container `from` to `to_ip`: fresh
+/// connections to `vmcri-netblast serve` ([`pings`]) and HTTP to busybox
+/// httpd ([`requests`]).
+async fn latencies(
+    rt: &mut RuntimeServiceClient<Channel>,
+    from: &str,
+    to_ip: &str,
+) -> (Option<f64>, Option<f64>) {
+    (
+        pings(rt, from, to_ip).await,
+        requests(rt, from, to_ip).await,
+    )
+}
+
 /// Milliseconds per HTTP request, `REQUESTS` of them one after another
 /// from container `from` to `to_ip`:80.
 async fn requests(rt: &mut RuntimeServiceClient<Channel>, from: &str, to_ip: &str) -> Option<f64> {
@@ -251,6 +265,8 @@ async fn requests(rt: &mut RuntimeServiceClient<Channel>, from: &str, to_ip: &st
 fn capture(root: &Path, pod: &str, dir: &Path) -> std::process::Child {
     std::fs::create_dir_all(dir).expect("the --pcap directory");
     let file = dir.join("vmtap0.pcap");
+    // A previous run's file would look like a started capture.
+    let _ = std::fs::remove_file(&file);
     let netns = root.join("netns").join(pod);
     let child = std::process::Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
@@ -258,8 +274,14 @@ fn capture(root: &Path, pod: &str, dir: &Path) -> std::process::Child {
         .arg(&file)
         .spawn()
         .expect("tcpdump (apt install tcpdump)");
+    // tcpdump makes its file once it captures: wait for that rather
+    // than for a fixed time, however slow the machine is.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "tcpdump never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     eprintln!("capturing the VM's tap into {}", file.display());
-    std::thread::sleep(Duration::from_secs(1));
     child
 }
 
@@ -400,10 +422,7 @@ fn main() {
             None
         };
         let lp = if wanted("lp") {
-            (
-                pings(&mut rt, &ca, &ip_pb).await,
-                requests(&mut rt, &ca, &ip_pb).await,
-            )
+            latencies(&mut rt, &ca, &ip_pb).await
         } else {
             (None, None)
         };
@@ -425,10 +444,7 @@ fn main() {
             }
             if wanted("lv") {
                 let before = counters(&mut rt, cv, traced).await;
-                lv = (
-                    pings(&mut rt, &ca, ip_vm).await,
-                    requests(&mut rt, &ca, ip_vm).await,
-                );
+                lv = latencies(&mut rt, &ca, ip_vm).await;
                 report("lv", before, counters(&mut rt, cv, traced).await);
             }
             if let Some(mut tcpdump) = pcap {
@@ -456,10 +472,7 @@ fn main() {
                 cc = bulk(&mut crt, &c_a, (&qb, &ip_qb), mib, (&image, &logs, "cc")).await;
             }
             if wanted("lc") {
-                lc = (
-                    pings(&mut crt, &c_a, &ip_qb).await,
-                    requests(&mut crt, &c_a, &ip_qb).await,
-                );
+                lc = latencies(&mut crt, &c_a, &ip_qb).await;
             }
             for pod in [&qa, &qb] {
                 remove(&mut crt, pod).await;

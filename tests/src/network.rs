@@ -83,10 +83,7 @@ impl TestNetns {
         // A socket belongs to the namespace it was made in: make it from
         // a thread that entered the namespace and then ends.
         let listener = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the test netns");
-            // SAFETY: setns on an open namespace fd, for this thread only.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            enter(&path);
             TcpListener::bind(("127.0.0.1", port)).expect("listen in the test netns")
         })
         .join()
@@ -100,9 +97,7 @@ impl TestNetns {
             }
         });
     }
-}
 
-impl TestNetns {
     /// A port on the test's own loopback that reaches `127.0.0.1:<port>`
     /// in the namespace (a daemon's streaming server there), for as long
     /// as the process runs: loopback to loopback, nothing else.
@@ -113,10 +108,7 @@ impl TestNetns {
         // The listener was made here, so what it accepts is the test's;
         // the sockets this thread makes after setns are the namespace's.
         std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the test netns");
-            // SAFETY: setns on an open namespace fd, for this thread only.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            enter(&path);
             for conn in listener.incoming().flatten() {
                 let Ok(upstream) = TcpStream::connect(("127.0.0.1", port)) else {
                     continue;
@@ -126,6 +118,14 @@ impl TestNetns {
         });
         local
     }
+}
+
+/// Moves the calling thread (only) into the network namespace at `path`.
+fn enter(path: &Path) {
+    let ns = std::fs::File::open(path).expect("open the test netns");
+    // SAFETY: setns on an open namespace fd, for this thread only.
+    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn pipe(a: TcpStream, b: TcpStream) {

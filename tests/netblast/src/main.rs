@@ -26,6 +26,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const CHUNK: usize = 256 * 1024;
+/// Longest request or answer line read: a peer cannot make us buffer more.
+const LINE_MAX: u64 = 64;
 
 fn recv(port: u16) -> std::io::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
@@ -81,7 +83,7 @@ fn serve(port: u16) -> std::io::Result<()> {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let mut line = String::new();
-        let mut reader = BufReader::new(&conn);
+        let mut reader = BufReader::new((&conn).take(LINE_MAX));
         if reader.read_line(&mut line).is_ok() {
             let _ = (&conn).write_all(b"ok\n");
         }
@@ -99,7 +101,7 @@ fn ping(addr: &str, n: u32) -> std::io::Result<()> {
         conn.set_nodelay(true)?;
         conn.write_all(b"x\n")?;
         let mut answer = String::new();
-        BufReader::new(&conn).read_line(&mut answer)?;
+        BufReader::new((&conn).take(LINE_MAX)).read_line(&mut answer)?;
         if answer != "ok\n" {
             return Err(std::io::Error::other(format!("answer {answer:?}")));
         }
